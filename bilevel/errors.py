@@ -1,0 +1,28 @@
+"""Exceptions and warnings raised by `bilevel`.
+
+Each names the problem and the fix; none is raised for a condition the library could silently paper over.
+"""
+
+
+class BilevelError(Exception):
+    """Base class of the library's own errors."""
+
+
+class SpecError(BilevelError, ValueError):
+    """A solver name or option is unknown or of the wrong type."""
+
+
+class NonFiniteError(BilevelError, FloatingPointError):
+    """A loss, hypergradient or iterate became NaN or Inf."""
+
+
+class NeumannDivergenceError(BilevelError, ArithmeticError):
+    """The Neumann (or fixed-point) series grew instead of shrinking: the step size alpha is too large."""
+
+
+class StructureError(BilevelError, ValueError):
+    """Two parameter dicts that must match (keys, shapes, dtypes) do not."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative linear solve stopped at its iteration cap before reaching its tolerance."""

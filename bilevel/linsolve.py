@@ -1,0 +1,229 @@
+"""Linear solvers ``(matvec, b, x0) -> (x, LinearSolveInfo)`` for H x = b on parameter dicts.
+
+H is the inner Hessian at the inner solution: symmetric, and positive definite when the inner problem
+is strongly convex there. Every solver is a frozen dataclass of options. Under ``torch.func.vmap`` the
+iterative solvers cannot stop early (that would be data-dependent control flow), so they run their full
+iteration budget and their host-side checks are skipped.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from . import tree
+from .autodiff import any_batched
+from .errors import ConvergenceWarning, NeumannDivergenceError, NonFiniteError
+from .tree import Params
+
+MatVec = Callable[[Params], Params]
+
+
+@dataclass
+class LinearSolveInfo:
+    """Diagnostics of one linear solve. ``residual`` is ‖b − Hx‖ / ‖b‖ (a tensor under vmap)."""
+
+    iterations: int
+    matvecs: int
+    residual: float | Tensor
+    converged: bool
+
+
+def _relative_residual(matvec: MatVec, b: Params, x: Params) -> Tensor:
+    b_norm = tree.norm(b)
+    r = tree.sub(b, matvec(x))
+    return tree.norm(r) / torch.clamp(b_norm, min=torch.finfo(b_norm.dtype).tiny)
+
+
+def _as_float(t: Tensor, batched: bool) -> float | Tensor:
+    return t.detach() if batched else float(t)
+
+
+@dataclass(frozen=True)
+class CG:
+    """Conjugate gradient for symmetric positive-definite H.
+
+    Stops when ‖r‖ ≤ max(rtol·‖b‖, atol) or after ``maxiter`` iterations (one matvec each). Warm start
+    with ``x0`` (e.g. the previous outer step's solution). When it stops at ``maxiter`` without reaching
+    the tolerance it warns with :class:`ConvergenceWarning` and reports ``converged=False``.
+    Reference: Hestenes & Stiefel (1952); used for hypergradients by Pedregosa, arXiv:1602.02355.
+    """
+
+    maxiter: int = 100
+    rtol: float = 1e-6
+    atol: float = 0.0
+
+    def __call__(self, matvec: MatVec, b: Params, x0: Optional[Params] = None) -> tuple[Params, LinearSolveInfo]:
+        batched = any_batched(b.values())
+        b_norm = tree.norm(b)
+        tol = torch.clamp(self.rtol * b_norm, min=self.atol) if not batched else None
+        if x0 is None:
+            x, r, matvecs = tree.zeros_like(b), dict(b), 0
+        else:
+            x, matvecs = x0, 1
+            r = tree.sub(b, matvec(x0))
+        p = r
+        rs = tree.dot(r, r)
+        iterations = 0
+        tiny = torch.finfo(rs.dtype).tiny
+        for _ in range(self.maxiter):
+            if not batched and math.sqrt(float(rs)) <= float(tol):
+                break
+            hp = matvec(p)
+            matvecs += 1
+            # Guard the step against a zero curvature along p (then r = 0 already under vmap).
+            alpha = rs / torch.clamp(tree.dot(p, hp), min=tiny) if not batched else rs / (tree.dot(p, hp) + tiny)
+            x = tree.axpy(alpha, p, x)
+            r = tree.axpy(-alpha, hp, r)
+            rs_new = tree.dot(r, r)
+            p = tree.axpy(rs_new / (rs + tiny), p, r)
+            rs = rs_new
+            iterations += 1
+        residual = torch.sqrt(rs) / torch.clamp(b_norm, min=tiny)
+        converged = True
+        if not batched:
+            if not math.isfinite(float(residual)):
+                raise NonFiniteError(f"CG produced a non-finite residual at iteration {iterations}")
+            converged = math.sqrt(float(rs)) <= float(tol)
+            if not converged:
+                warnings.warn(
+                    f"CG stopped at maxiter={self.maxiter} with relative residual {float(residual):.3g} "
+                    f"> rtol={self.rtol}; raise maxiter, loosen rtol, or check that the inner Hessian is "
+                    "positive definite (the inner loop may not have converged).",
+                    ConvergenceWarning, stacklevel=3)
+        return x, LinearSolveInfo(iterations, matvecs, _as_float(residual, batched), converged)
+
+
+def _divergence_message(name: str, step: int, growth: float, alpha: float, curvature: float) -> str:
+    if curvature <= 0:
+        hint = (f"the estimated curvature along the growing direction is {curvature:.3g} <= 0: the inner "
+                "Hessian is not positive definite at the inner solution (inner loop not converged, or a "
+                "nonconvex inner problem); use more inner steps, a damped problem, or the 'cg' solver.")
+    else:
+        hint = (f"alpha={alpha:g} is too large: the series converges only for alpha < 2/λ_max(H), and the "
+                f"estimated λ_max is about {curvature:.3g}; try alpha={0.5 / curvature:.3g} or smaller.")
+    return f"{name} series diverged at term {step}: the term norm grew to {growth:.3g} x ‖b‖; {hint}"
+
+
+@dataclass(frozen=True)
+class Neumann:
+    """Truncated Neumann series H⁻¹ b ≈ α Σ_{j=0}^{terms−1} (I − αH)^j b.
+
+    The leading α matters (forgetting it is a classic bug, e.g. the ITL paper's pseudocode). Converges
+    for 0 < α < 2/λ_max(H) when H is positive definite; ``terms − 1`` matvecs. Divergence (a term
+    growing beyond ``growth_limit`` times ‖b‖, or a non-finite term) raises
+    :class:`NeumannDivergenceError` with an estimate of λ_max and a suggested alpha.
+    Reference: Lorraine, Vicol & Duvenaud, arXiv:1911.02590.
+    """
+
+    alpha: float = 0.01
+    terms: int = 15
+    growth_limit: float = 10.0
+
+    def __call__(self, matvec: MatVec, b: Params, x0: Optional[Params] = None) -> tuple[Params, LinearSolveInfo]:
+        if self.terms < 1:
+            raise ValueError(f"Neumann needs terms >= 1, got {self.terms}")
+        batched = any_batched(b.values())
+        b_norm = float(tree.norm(b)) if not batched else None
+        term, total = b, b
+        for j in range(1, self.terms):
+            h_term = matvec(term)
+            if not batched:
+                self._check(term, h_term, b_norm, j)
+            term = tree.axpy(-self.alpha, h_term, term)
+            total = tree.add(total, term)
+        x = tree.scale(total, self.alpha)
+        if not batched:
+            last = float(tree.norm(term))
+            if b_norm and last > b_norm * (1 + 1e-6):
+                warnings.warn(f"Neumann terms did not shrink (last/first norm {last / b_norm:.3g}); "
+                              "the series is not converging: lower alpha or check the inner solution.",
+                              ConvergenceWarning, stacklevel=3)
+        residual = _relative_residual(matvec, b, x) if not batched else torch.full((), float("nan"))
+        return x, LinearSolveInfo(self.terms - 1, self.terms, _as_float(residual, batched), True)
+
+    def _check(self, term: Params, h_term: Params, b_norm: float, j: int) -> None:
+        norm = float(tree.norm(term))
+        if not math.isfinite(norm) or (b_norm > 0 and norm > self.growth_limit * b_norm):
+            curvature = float(tree.dot(term, h_term) / max(norm**2, 1e-300)) if math.isfinite(norm) else float("inf")
+            raise NeumannDivergenceError(
+                _divergence_message("Neumann", j, norm / max(b_norm, 1e-300), self.alpha, curvature))
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Richardson fixed-point iteration x ← x + α (b − Hx), with warm start and a residual tolerance.
+
+    Its iterates from x0 = 0 are the partial sums of the Neumann series; it differs from :class:`Neumann`
+    by stopping on ``rtol`` and accepting a warm start. Reference: Grazzi et al., arXiv:2006.16218.
+    """
+
+    alpha: float = 0.01
+    maxiter: int = 200
+    rtol: float = 1e-6
+    growth_limit: float = 10.0
+
+    def __call__(self, matvec: MatVec, b: Params, x0: Optional[Params] = None) -> tuple[Params, LinearSolveInfo]:
+        batched = any_batched(b.values())
+        b_norm = tree.norm(b)
+        x = x0 if x0 is not None else tree.zeros_like(b)
+        matvecs, iterations = 0, 0
+        r = tree.sub(b, matvec(x)) if x0 is not None else dict(b)
+        matvecs += x0 is not None
+        r0 = float(tree.norm(r)) if not batched else None
+        for _ in range(self.maxiter):
+            if not batched:
+                rn = float(tree.norm(r))
+                if not math.isfinite(rn) or (r0 and rn > self.growth_limit * r0):
+                    hr = matvec(r)
+                    curvature = float(tree.dot(r, hr) / max(rn**2, 1e-300)) if math.isfinite(rn) else float("inf")
+                    raise NeumannDivergenceError(
+                        _divergence_message("Fixed-point", iterations, rn / max(r0, 1e-300), self.alpha, curvature))
+                if rn <= self.rtol * float(b_norm):
+                    break
+            x = tree.axpy(self.alpha, r, x)
+            r = tree.sub(b, matvec(x))
+            matvecs += 1
+            iterations += 1
+        residual = tree.norm(r) / torch.clamp(b_norm, min=torch.finfo(b_norm.dtype).tiny)
+        converged = True
+        if not batched:
+            converged = float(residual) <= self.rtol
+            if not converged:
+                warnings.warn(f"fixed-point iteration stopped at maxiter={self.maxiter} with relative residual "
+                              f"{float(residual):.3g} > rtol={self.rtol}; raise maxiter or alpha (below 2/λ_max).",
+                              ConvergenceWarning, stacklevel=3)
+        return x, LinearSolveInfo(iterations, matvecs, _as_float(residual, batched), converged)
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Dense direct solve: builds H column by column (n matvecs, vmapped) and calls ``torch.linalg.solve``.
+
+    For tiny problems and tests only: O(n²) memory and O(n³) time in the number n of inner scalars.
+    """
+
+    max_size: int = 5000
+
+    def __call__(self, matvec: MatVec, b: Params, x0: Optional[Params] = None) -> tuple[Params, LinearSolveInfo]:
+        n = tree.numel(b)
+        if n > self.max_size:
+            raise ValueError(f"Exact solve refused: {n} inner scalars > max_size={self.max_size}; use CG.")
+        flat_b = tree.flatten(b)
+        eye = torch.eye(n, dtype=flat_b.dtype, device=flat_b.device)
+        columns = vmap(lambda e: tree.flatten(matvec(tree.unflatten(e, b))))(eye)
+        hessian = columns.T  # column i is H e_i; H is symmetric, the transpose is for clarity
+        flat_x = torch.linalg.solve(hessian, flat_b)
+        x = tree.unflatten(flat_x, b)
+        residual = torch.linalg.norm(hessian @ flat_x - flat_b) / torch.clamp(
+            torch.linalg.norm(flat_b), min=torch.finfo(flat_b.dtype).tiny)
+        batched = any_batched(b.values())
+        return x, LinearSolveInfo(1, n, _as_float(residual, batched), True)
+
+
+LinearSolver = CG | Neumann | FixedPoint | Exact

@@ -14,6 +14,7 @@ from .inner import InnerLoop
 from .linsolve import CG, Exact, FixedPoint, LinearSolveInfo, Neumann
 from .solvers import (CMAES, SOLVERS, Forward, Implicit, ImplicitCG, ImplicitExact, ImplicitFixedPoint,
                       ImplicitNeumann, OneStep, Unroll, describe_options, make_solver, solver_options)
+from .task import RunContext, StepOutput, Task, local_context
 from .types import BilevelProblem, HypergradResult, Solver
 from .validate import validate_problem
 
@@ -25,6 +26,7 @@ __all__ = [
     "Implicit", "ImplicitCG", "ImplicitNeumann", "ImplicitFixedPoint", "ImplicitExact", "Forward", "Unroll",
     "OneStep", "CMAES",
     "CG", "Neumann", "FixedPoint", "Exact", "LinearSolveInfo",
+    "Task", "StepOutput", "RunContext", "local_context",
     "hvp", "hvp_operator", "mixed_vjp", "validate_problem", "tree", "linsolve",
     "BilevelError", "SpecError", "NonFiniteError", "NeumannDivergenceError", "StructureError", "ConvergenceWarning",
 ]

@@ -11,6 +11,8 @@ notebooks); the runner passes a context whose :meth:`RunContext.map` splits work
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar, runtime_checkable
 
@@ -87,11 +89,24 @@ class RunContext:
     num_processes: int = 1
     process_index: int = 0
     _map: Optional[Callable[[Callable[[Any], Any], Sequence[Any]], list]] = None
+    _autocast: Optional[Callable[[], Any]] = None
 
     @property
     def solver(self):
-        """The solver object built from ``solver_spec``."""
-        return make_solver(self.solver_spec)
+        """The solver object built from ``solver_spec``; a solver with a ``map_fn`` option (``cmaes``)
+        gets this context's :meth:`map`, so its candidates are split across processes."""
+        solver = make_solver(self.solver_spec)
+        if any(f.name == "map_fn" for f in dataclasses.fields(solver)):
+            solver = dataclasses.replace(solver, map_fn=self.map)
+        return solver
+
+    def autocast(self):
+        """Context manager for forward passes under the run's mixed precision (``--mixed-precision``).
+
+        Policy: only forward passes of models may run in reduced precision; the library's Hessian-vector
+        products and linear solves always run in float32 (they disable autocast themselves).
+        """
+        return self._autocast() if self._autocast is not None else contextlib.nullcontext()
 
     @property
     def is_main(self) -> bool:
@@ -112,3 +127,37 @@ class RunContext:
 def local_context(solver_spec: str, seed: int = 0, device: str | torch.device = "cpu") -> RunContext:
     """A one-process context for running a task without the runner (tests, notebooks)."""
     return RunContext(solver_spec=solver_spec, seed=seed, device=torch.device(device))
+
+
+OUTER_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def make_outer_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """The outer ``torch.optim`` optimiser named by a task (``sgd``, ``adam``, ``adamw``)."""
+    if name not in OUTER_OPTIMIZERS:
+        raise ValueError(f"unknown outer optimizer {name!r}; valid: {', '.join(OUTER_OPTIMIZERS)}")
+    return OUTER_OPTIMIZERS[name](params, lr=lr)
+
+
+def outer_optimizer_for(task: Task, ctx: RunContext, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The task's outer optimiser, unless the solver prescribes its own update (``cmaes``: SGD, lr = 1)."""
+    name, lr = getattr(ctx.solver, "outer_update", (task.optimizer, task.lr))
+    return make_outer_optimizer(name, params, lr)
+
+
+def run_locally(task: Task, ctx: RunContext, steps: int) -> tuple[Params, list[dict[str, float]]]:
+    """Run ``steps`` outer steps of ``task`` in this process (no accelerate): tests and notebooks.
+
+    Returns the final outer params (detached copies) and the per-step metrics. The ``bilevel run``
+    command does the same with process-parallelism, logging, guards and checkpoints.
+    """
+    outer = {k: v.detach().clone().to(ctx.device).requires_grad_(True) for k, v in task.outer.items()}
+    optimizer = outer_optimizer_for(task, ctx, list(outer.values()))
+    history = []
+    for step in range(steps):
+        out = task.step({k: v.detach() for k, v in outer.items()}, ctx, step)
+        for key, param in outer.items():
+            param.grad = out.grads[key].to(param.dtype)
+        optimizer.step()
+        history.append(dict(out.metrics))
+    return {k: v.detach() for k, v in outer.items()}, history

@@ -16,7 +16,18 @@ PROBLEMS: dict[str, str] = {
 
 
 def load_problem(name: str) -> ModuleType:
-    """The problem module registered as ``name``; a clear error lists the registered names."""
-    if name not in PROBLEMS:
-        raise KeyError(f"unknown problem {name!r}; registered problems: {', '.join(sorted(PROBLEMS))}")
-    return importlib.import_module(PROBLEMS[name])
+    """The problem module registered as ``name``, or any importable module path (``mypkg.my_problem``)
+    that defines the same four names; a clear error lists the registered names."""
+    if name in PROBLEMS:
+        return importlib.import_module(PROBLEMS[name])
+    if "." in name:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            raise KeyError(f"problem module {name!r} cannot be imported ({err})") from err
+        missing = [attr for attr in ("Config", "SMOKE", "DEFAULT_SOLVER", "build") if not hasattr(module, attr)]
+        if missing:
+            raise KeyError(f"module {name!r} is not a problem file: it lacks {', '.join(missing)}")
+        return module
+    raise KeyError(f"unknown problem {name!r}; registered problems: {', '.join(sorted(PROBLEMS))} "
+                   "(or give a module path such as mypkg.my_problem)")

@@ -90,7 +90,7 @@ class RidgeTask:
 
     def step(self, outer, ctx: RunContext, step: int) -> StepOutput:
         result = bilevel.hypergrad(self.problem, self.inner, outer, inner_batch=self.train,
-                                   outer_batch=self.val, solver=ctx.solver_spec, loop=self.loop,
+                                   outer_batch=self.val, solver=ctx.solver, loop=self.loop,
                                    state=self.solver_state, validate=step == 0)
         self.inner, self.solver_state = result.inner, result.state
         exact = closed_form_hypergrad(outer, self.train, self.val)

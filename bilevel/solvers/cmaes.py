@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import cma
 import numpy as np
@@ -60,6 +60,8 @@ class CMAES:
     seed: int = 1
     evaluate_mean: bool = True
     map_fn: Optional[Callable] = field(default=None, compare=False, repr=False)
+    # The runner replaces a task's outer optimiser by this: SGD with lr = 1 lands φ on the new mean.
+    outer_update: ClassVar[tuple[str, float]] = ("sgd", 1.0)
 
     def __post_init__(self) -> None:
         if self.popsize < 2:

@@ -1,0 +1,125 @@
+"""Resolve a problem's ``Config``: defaults (or ``SMOKE``), then a config file, then ``--set`` overrides.
+
+Every key is checked against the dataclass fields and every value against the field's type, so a typo or
+a wrong type stops the run with a message that lists the valid keys, instead of being silently ignored.
+Config files are TOML (``.toml``) or JSON (``.json``) with a flat table of keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+from ..errors import SpecError
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` converted to the field type ``tp`` (from a string when given on the command line)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except SpecError as err:
+                errors.append(str(err))
+        raise SpecError(f"config key {key!r}: {value!r} matches none of {tp}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise SpecError(f"config key {key!r}: {value!r} is not one of {choices}")
+    if origin in (tuple, list):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise SpecError(f"config key {key!r}: expected {len(args)} comma-separated values, got {value!r}")
+            return tuple(coerce(v, a, key) for v, a in zip(items, args))
+        inner = args[0] if args else str
+        return origin(coerce(v.strip() if isinstance(v, str) else v, inner, key) for v in items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise SpecError(f"config key {key!r} expects a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise SpecError(f"config key {key!r} expects an int, got {value!r}")
+        try:
+            return int(value) if not isinstance(value, str) else int(value, 10)
+        except ValueError:
+            raise SpecError(f"config key {key!r} expects an int, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise SpecError(f"config key {key!r} expects a float, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise SpecError(f"config key {key!r} expects a float, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpecError(f"config key {key!r} expects a string, got {value!r}")
+        return value
+    return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat table of settings from a ``.toml`` or ``.json`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix == ".toml":
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        raise SpecError(f"config file {path}: use a .toml or .json file")
+    if not isinstance(data, dict) or any(isinstance(v, dict) for v in data.values()):
+        raise SpecError(f"config file {path} must hold one flat table of key = value settings")
+    return data
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["key=value", ...]`` from ``--set`` into a dict (values stay strings until coerced)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SpecError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve_config(config_cls: type, base: Any, *layers: dict[str, Any]) -> Any:
+    """``base`` (a ``config_cls`` instance) with each layer of overrides applied, keys and types checked."""
+    hints = typing.get_type_hints(config_cls)
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    values = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in names:
+                raise SpecError(f"unknown config key {key!r} for {config_cls.__module__}.{config_cls.__name__}; "
+                                f"valid keys: {', '.join(names)}")
+            values[key] = coerce(value, hints[key], key)
+    return dataclasses.replace(base, **values)
+
+
+def config_table(cfg: Any) -> dict[str, Any]:
+    """The config as a flat dict of plain values (for the run folder and the trackers)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}

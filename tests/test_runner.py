@@ -1,0 +1,163 @@
+"""The runner: 1 vs 2 processes, CMA-ES split across processes, kill + resume, failure, guards, bad input.
+
+Multi-process runs use ``accelerate launch --multi_gpu --num_processes 2`` with ``--cpu`` (the
+combination that gives 2 CPU processes over gloo here, see ENVIRONMENT.md).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bilevel.run import cli
+
+TESTS = Path(__file__).parent
+LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", "0"]
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), e.get("PYTHONPATH", "")])
+    return e
+
+
+def bilevel_cmd(*args, processes=1):
+    base = LAUNCH_2 + ["-m", "bilevel.run.cli"] if processes == 2 else [sys.executable, "-m", "bilevel.run.cli"]
+    return base + list(args) + (["--cpu"] if processes == 2 and args[0] == "run" else [])
+
+
+def run_ok(*args, processes=1, timeout=240):
+    proc = subprocess.run(bilevel_cmd(*args, processes=processes), env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def final_outer(run_dir):
+    return load_file(str(Path(run_dir) / "outer.safetensors"))
+
+
+def assert_same(a, b, atol=0.0):
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (key, (a[key] - b[key]).abs().max())
+
+
+def test_two_processes_match_one_process_and_write_the_run_folder(tmp_path):
+    args = ["ridge", "--smoke", "--solver", "cg:rtol=1e-10", "--steps", "8", "--no-progress"]
+    assert cli.main(["run", *args, "--out", str(tmp_path / "one")]) == 0
+    run_ok("run", *args, "--out", str(tmp_path / "two"), processes=2)
+    assert_same(final_outer(tmp_path / "one"), final_outer(tmp_path / "two"))
+    one = tmp_path / "one"
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "outer.safetensors", "final.json", "curves.png"):
+        assert (one / name).is_file(), name
+    rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(8))
+    # the ridge task reports the solver's error against the closed-form hypergradient at every step
+    assert max(r["rel_error_vs_closed_form"] for r in rows) < 1e-4
+    assert rows[-1]["outer_loss"] < rows[0]["outer_loss"]
+    config = json.loads((one / "config.json").read_text())
+    assert config["config"]["features"] == 10 and config["solver"] == "cg:rtol=1e-10"
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["processes"] == 2
+
+
+def test_cmaes_population_split_over_two_processes_matches_one(tmp_path):
+    args = ["ridge", "--smoke", "--solver", "cmaes:popsize=6,sigma=0.3,seed=3", "--steps", "3", "--no-progress"]
+    assert cli.main(["run", *args, "--out", str(tmp_path / "one")]) == 0
+    run_ok("run", *args, "--out", str(tmp_path / "two"), processes=2)
+    assert_same(final_outer(tmp_path / "one"), final_outer(tmp_path / "two"))
+    # CMA-ES moves the outer params to the new mean each generation (SGD, lr = 1, on m_old − m_new)
+    assert not torch.equal(final_outer(tmp_path / "one")["log_penalty"], torch.full((10,), -2.0))
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """CMA-ES state, inner warm start, outer Adam-free SGD update and RNG all round-trip bitwise."""
+    args = ["ridge", "--smoke", "--set", "inner_steps=150", "--solver", "cmaes:popsize=4,sigma=0.3",
+            "--steps", "10", "--checkpoint-every", "2", "--no-progress"]
+    assert cli.main(["run", *args, "--out", str(tmp_path / "full")]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(bilevel_cmd("run", *args, "--out", str(killed)), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (killed / "checkpoints" / "step-00000004.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "outer.safetensors").exists(), "the run finished before it could be killed"
+    run_ok("run", *args, "--out", str(killed), "--resume")
+    assert_same(final_outer(tmp_path / "full"), final_outer(killed))
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(10)), "resumed metrics must not repeat or skip steps"
+
+
+def test_a_failing_process_stops_the_two_process_job_promptly(tmp_path):
+    began = time.time()
+    proc = subprocess.run(bilevel_cmd("run", "problems_for_tests.failing", "--steps", "50", "--no-progress",
+                                      "--out", str(tmp_path / "f"), processes=2),
+                          env=env(), capture_output=True, text=True, timeout=120)
+    elapsed = time.time() - began
+    assert proc.returncode != 0
+    assert "deliberate failure on process 1 at step 2" in proc.stderr
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to stop"
+
+
+def test_nonfinite_hypergradient_stops_with_step_solver_and_quantity(tmp_path, capsys):
+    code = cli.main(["run", "problems_for_tests.failing", "--set", "nan_step=3", "--steps", "6",
+                     "--checkpoint-every", "2", "--no-progress", "--out", str(tmp_path / "n")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "outer step 3" in err and "solver 'cg'" in err and "hypergradient['x']" in err
+    assert "step-00000002.pt" in err  # the last good checkpoint is named and kept
+    assert (tmp_path / "n" / "checkpoints" / "step-00000002.pt").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "nosuchproblem", "--steps", "1", "--out", "x"], "unknown problem 'nosuchproblem'; registered problems"),
+    (["run", "ridge", "--solver", "cg:maxiters=3", "--steps", "1", "--out", "x"], "maxiters"),
+    (["run", "ridge", "--set", "featurez=3", "--steps", "1", "--out", "x"], "unknown config key 'featurez'"),
+    (["run", "ridge", "--set", "features=3.5", "--steps", "1", "--out", "x"], "expects an int"),
+    (["check", "ridge", "--set", "noise=abc"], "expects a float"),
+])
+def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_and_with_a_corrupt_checkpoint(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli.main(["run", "ridge", "--smoke", "--steps", "2", "--out", str(out), "--resume"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    out.mkdir()
+    assert cli.main(["run", "ridge", "--smoke", "--steps", "2", "--out", str(out), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "step-00000002.pt").write_bytes(b"\x80\x02truncated")
+    assert cli.main(["run", "ridge", "--smoke", "--steps", "2", "--out", str(out), "--resume"]) == 2
+    assert "step-00000002.pt is unreadable" in capsys.readouterr().err
+
+
+def test_config_file_and_overrides(tmp_path):
+    (tmp_path / "cfg.toml").write_text("features = 7\nnoise = 0.1\n")
+    module, cfg = cli.resolve("ridge", True, str(tmp_path / "cfg.toml"), ["noise=0.2"])
+    assert (cfg.features, cfg.noise, cfg.relevant) == (7, 0.2, module.SMOKE.relevant)
+
+
+def test_check_command_on_ridge(capsys):
+    assert cli.main(["check", "ridge", "--smoke", "--solver", "cg:rtol=1e-10", "--reference", "exact"]) == 0
+    assert "check passed" in capsys.readouterr().out
+
+
+def test_list_shows_problems_and_solver_options(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "ridge" in out and "maxiter: int = 100" in out and "popsize: int = 8" in out

@@ -89,9 +89,10 @@ class RidgeTask:
         self.solver_state: Any = None
 
     def step(self, outer, ctx: RunContext, step: int) -> StepOutput:
-        result = bilevel.hypergrad(self.problem, self.inner, outer, inner_batch=self.train,
-                                   outer_batch=self.val, solver=ctx.solver, loop=self.loop,
-                                   state=self.solver_state, validate=step == 0)
+        with ctx.autocast():  # --mixed-precision: the inner loop's forward passes; the IFT part stays float32
+            result = bilevel.hypergrad(self.problem, self.inner, outer, inner_batch=self.train,
+                                       outer_batch=self.val, solver=ctx.solver, loop=self.loop,
+                                       state=self.solver_state, validate=step == 0)
         self.inner, self.solver_state = result.inner, result.state
         exact = closed_form_hypergrad(outer, self.train, self.val)
         g = result.hypergrad["log_penalty"].double()

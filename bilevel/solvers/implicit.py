@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .. import linsolve, tree
 from ..autodiff import HVP_MODES, hvp_operator, mixed_vjp, value_and_grads
 from ..types import HypergradResult
@@ -53,12 +55,17 @@ class Implicit:
         phi = tree.detach(outer)
         theta, _, losses = loop.run(problem, tree.detach(inner), phi, inner_batch)
         theta = tree.detach(theta)
-        g_fn = inner_fn(problem, hessian_batch(inner_batch, loop.steps))
-        f_value, g_theta, g_phi = value_and_grads(outer_fn(problem, outer_batch), theta, phi)
-        matvec = hvp_operator(lambda t: g_fn(t, phi), theta, self.hvp)
-        x0 = state if (self.warm_start and state is not None) else None
-        x, info = self.make_linear_solver()(matvec, g_theta, x0)
-        hypergrad = tree.sub(g_phi, mixed_vjp(g_fn, theta, phi, x))
+        # Mixed-precision policy: the inner loop may run under autocast, but the gradients at the solution,
+        # the Hessian-vector products and the linear solve run in full precision (a bf16 HVP has ~3
+        # significant digits, too few for CG/Neumann to converge).
+        device_type = next(iter(theta.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            g_fn = inner_fn(problem, hessian_batch(inner_batch, loop.steps))
+            f_value, g_theta, g_phi = value_and_grads(outer_fn(problem, outer_batch), theta, phi)
+            matvec = hvp_operator(lambda t: g_fn(t, phi), theta, self.hvp)
+            x0 = state if (self.warm_start and state is not None) else None
+            x, info = self.make_linear_solver()(matvec, g_theta, x0)
+            hypergrad = tree.sub(g_phi, mixed_vjp(g_fn, theta, phi, x))
         diagnostics = {
             "inner_loss": last(losses), "outer_loss": scalar(f_value), "inner_steps": float(loop.steps),
             "hvp_count": float(info.matvecs), "evaluations": float(loop.steps),

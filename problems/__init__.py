@@ -12,6 +12,8 @@ from types import ModuleType
 
 PROBLEMS: dict[str, str] = {
     "ridge": "problems.ridge",
+    "arl": "problems.arl",
+    "adalfl": "problems.adalfl",
 }
 
 

@@ -14,6 +14,7 @@ PROBLEMS: dict[str, str] = {
     "ridge": "problems.ridge",
     "arl": "problems.arl",
     "adalfl": "problems.adalfl",
+    "metamd": "problems.metamd",
 }
 
 

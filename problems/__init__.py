@@ -15,6 +15,13 @@ PROBLEMS: dict[str, str] = {
     "arl": "problems.arl",
     "adalfl": "problems.adalfl",
     "metamd": "problems.metamd",
+    "erm": "problems.erm",
+    "irm": "problems.irm",
+    "vrex": "problems.vrex",
+    "coral": "problems.coral",
+    "fishr": "problems.fishr",
+    "hgp": "problems.hgp",
+    "hutchinson": "problems.hutchinson",
 }
 
 

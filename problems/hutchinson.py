@@ -1,0 +1,36 @@
+"""Hutchinson: Hessian-diagonal alignment for domain generalisation.
+
+Hemati, Zhang, Estiri, Chen, "Understanding Hessian Alignment for Domain Generalization", ICCV 2023.
+
+    R = (1/n) Σ_e L_e + λ(t) (1/n) Σ_e [α‖D̂_e − mean_e D̂_e‖² + β‖g_e − ḡ‖²]           (Eq. 23)
+    D̂_e = (1/S) Σ_s r_s ⊙ H_e r_s, r_s Rademacher (Eq. 22; S = ``probes``, 100 in the paper).
+
+Not a nested problem: the Task's outer params are the network params and ``step`` returns ∇R (see
+``problems/domain_generalization/harness.py``). Defaults are the IRM Colored MNIST protocol the Hessian
+alignment paper reuses (Sec. 5.2: full batch, Adam, 501 steps, penalty 1 → 91257.18 at step 190);
+``hparam_trial=k`` switches to DomainBed's defaults (k = 0) or random-search trial k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bilevel import RunContext
+from problems.domain_generalization.harness import DGConfig, DGTask, build_task
+
+NAME = "hutchinson"
+
+
+@dataclass(frozen=True)
+class Config(DGConfig):
+    algorithm: str = NAME
+
+
+SMOKE = Config(dataset="synthetic", hidden=16, anneal_step=2, penalty_weight=10.0, probes=8)
+DEFAULT_SOLVER = "cg"   # unused: regularised risk minimisation has no hypergradient to solve for
+
+
+def build(cfg: Config, ctx: RunContext) -> DGTask:
+    if cfg.algorithm != NAME:
+        raise ValueError(f"problems.hutchinson builds algorithm {NAME!r}, got algorithm={cfg.algorithm!r}; "
+                         f"use the problem module of that algorithm")
+    return build_task(cfg, ctx)

@@ -12,6 +12,7 @@ from types import ModuleType
 
 PROBLEMS: dict[str, str] = {
     "ridge": "problems.ridge",
+    "itl": "problems.itl",
     "arl": "problems.arl",
     "adalfl": "problems.adalfl",
     "metamd": "problems.metamd",

@@ -27,6 +27,7 @@ import torch
 from .. import tree
 from ..errors import NonFiniteError
 from ..types import HypergradResult
+from .common import run_detached
 
 
 @dataclass
@@ -92,7 +93,7 @@ class CMAES:
         def run(vec):
             phi = to_params(vec)
             with torch.no_grad():
-                theta, _, losses = loop.run(problem, theta0, phi, inner_batch, check_finite=False)
+                theta, _, losses = run_detached(loop, problem, theta0, phi, inner_batch, check_finite=False)
                 inner_loss = float(losses[-1]) if losses.numel() else math.nan
                 return float(problem.outer(theta, phi, outer_batch)), theta, inner_loss
 
@@ -117,5 +118,8 @@ class CMAES:
             "inner_steps": float(loop.steps), "hvp_count": 0.0,
             "evaluations": float(len(candidates) + int(self.evaluate_mean)),
         }
+        if not self.evaluate_mean:  # no inner run at the new mean: report the best candidate, no inner loss
+            del diagnostics["inner_loss"]
+            diagnostics["outer_loss"] = min(finite)
         new_state = CMAESState(es, state.generation + 1)
         return HypergradResult(hypergrad, tree.detach(theta), diagnostics, new_state)

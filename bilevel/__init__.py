@@ -8,7 +8,8 @@ from . import linsolve, tree
 from .api import hypergrad
 from .autodiff import hvp, hvp_operator, mixed_vjp
 from .check import CheckReport, check
-from .errors import (BilevelError, ConvergenceWarning, NeumannDivergenceError, NonFiniteError, SpecError,
+from .errors import (BilevelError, ConvergenceWarning, IndefiniteHessianError, NeumannDivergenceError,
+                     NonFiniteError, SpecError,
                      StructureError)
 from .inner import InnerLoop
 from .linsolve import CG, Exact, FixedPoint, LinearSolveInfo, Neumann
@@ -28,5 +29,5 @@ __all__ = [
     "CG", "Neumann", "FixedPoint", "Exact", "LinearSolveInfo",
     "Task", "StepOutput", "RunContext", "local_context", "run_locally", "make_outer_optimizer",
     "hvp", "hvp_operator", "mixed_vjp", "validate_problem", "tree", "linsolve",
-    "BilevelError", "SpecError", "NonFiniteError", "NeumannDivergenceError", "StructureError", "ConvergenceWarning",
+    "BilevelError", "SpecError", "NonFiniteError", "NeumannDivergenceError", "IndefiniteHessianError", "StructureError", "ConvergenceWarning",
 ]

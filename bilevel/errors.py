@@ -20,6 +20,10 @@ class NeumannDivergenceError(BilevelError, ArithmeticError):
     """The Neumann (or fixed-point) series grew instead of shrinking: the step size alpha is too large."""
 
 
+class IndefiniteHessianError(BilevelError, ArithmeticError):
+    """CG met a direction of zero or negative curvature: the inner Hessian is not positive definite."""
+
+
 class StructureError(BilevelError, ValueError):
     """Two parameter dicts that must match (keys, shapes, dtypes) do not."""
 

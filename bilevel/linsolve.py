@@ -18,7 +18,7 @@ from torch.func import vmap
 
 from . import tree
 from .autodiff import any_batched
-from .errors import ConvergenceWarning, NeumannDivergenceError, NonFiniteError
+from .errors import IndefiniteHessianError, ConvergenceWarning, NeumannDivergenceError, NonFiniteError
 from .tree import Params
 
 MatVec = Callable[[Params], Params]
@@ -76,8 +76,15 @@ class CG:
                 break
             hp = matvec(p)
             matvecs += 1
-            # Guard the step against a zero curvature along p (then r = 0 already under vmap).
-            alpha = rs / torch.clamp(tree.dot(p, hp), min=tiny) if not batched else rs / (tree.dot(p, hp) + tiny)
+            curvature = tree.dot(p, hp)
+            if not batched and not float(curvature) > 0:
+                raise IndefiniteHessianError(
+                    f"CG: pᵀHp = {float(curvature):.3g} <= 0 at iteration {iterations}: the inner Hessian is not "
+                    "positive definite (a saddle or an unconverged inner loop), and CG needs H ≻ 0. Add an L2 "
+                    "term to inner_loss, run the inner loop closer to a minimum, or use neumann/fixedpoint with "
+                    "alpha < 2/λ_max (they tolerate small negative eigenvalues for a few terms).")
+            # Under vmap no host check is possible; guard the step against zero curvature (then r = 0 already).
+            alpha = rs / (curvature + tiny) if batched else rs / curvature
             x = tree.axpy(alpha, p, x)
             r = tree.axpy(-alpha, hp, r)
             rs_new = tree.dot(r, r)

@@ -138,3 +138,11 @@ def test_cmaes_all_candidates_nonfinite_raises():
     with pytest.raises(bilevel.NonFiniteError, match="every candidate"):
         bilevel.hypergrad(nan_outer, inner, outer, inner_batch=ib, outer_batch=ob, solver="cmaes:popsize=4",
                           loop=bilevel.InnerLoop(steps=2), validate=False)
+
+
+def test_cg_on_an_indefinite_hessian_names_the_problem():
+    """A saddle (eigenvalues 2 and −1): CG's curvature pᵀHp turns non-positive and it says so."""
+    matrix = torch.tensor([[2.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    b = {"x": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+    with pytest.raises(bilevel.IndefiniteHessianError, match="not positive definite"):
+        bilevel.CG(maxiter=10)(lambda v: {"x": matrix @ v["x"]}, b)

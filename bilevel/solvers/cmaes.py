@@ -27,7 +27,6 @@ import torch
 from .. import tree
 from ..errors import NonFiniteError
 from ..types import HypergradResult
-from .common import run_detached
 
 
 @dataclass
@@ -93,7 +92,7 @@ class CMAES:
         def run(vec):
             phi = to_params(vec)
             with torch.no_grad():
-                theta, _, losses = run_detached(loop, problem, theta0, phi, inner_batch, check_finite=False)
+                theta, _, losses = loop.run(problem, theta0, phi, inner_batch, check_finite=False)
                 inner_loss = float(losses[-1]) if losses.numel() else math.nan
                 return float(problem.outer(theta, phi, outer_batch)), theta, inner_loss
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import bilevel
-from bilevel import StepOutput
+from bilevel import StepOutput, TaskDefaults
 from problems.data import rotated_digits, to_tensors
 
 
@@ -37,7 +37,7 @@ def outer_loss(inner, outer, batch):
     return F.cross_entropy(x @ inner["W"].T + inner["b"], y)
 
 
-class LODOTask:
+class LODOTask(TaskDefaults):
     optimizer = "adam"
 
     def __init__(self, cfg, ctx):
@@ -61,18 +61,6 @@ class LODOTask:
         results = ctx.map(held_out, self.domains)
         grad = torch.stack([g for g, _ in results]).mean(0)
         return StepOutput({"log_l2": grad}, {"outer_loss": sum(l for _, l in results) / len(results)})
-
-    def evaluate(self, outer, ctx):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    def check_instance(self):
-        return None
 
 
 def build(cfg, ctx):

@@ -15,7 +15,7 @@ from .inner import InnerLoop
 from .linsolve import CG, Exact, FixedPoint, LinearSolveInfo, Neumann
 from .solvers import (CMAES, SOLVERS, Forward, Implicit, ImplicitCG, ImplicitExact, ImplicitFixedPoint,
                       ImplicitNeumann, OneStep, Unroll, describe_options, make_solver, solver_options)
-from .task import RunContext, StepOutput, Task, local_context, make_outer_optimizer, run_locally
+from .task import RunContext, StepOutput, Task, TaskDefaults, local_context, make_outer_optimizer, run_locally
 from .types import BilevelProblem, HypergradResult, Solver
 from .validate import validate_problem
 
@@ -27,7 +27,7 @@ __all__ = [
     "Implicit", "ImplicitCG", "ImplicitNeumann", "ImplicitFixedPoint", "ImplicitExact", "Forward", "Unroll",
     "OneStep", "CMAES",
     "CG", "Neumann", "FixedPoint", "Exact", "LinearSolveInfo",
-    "Task", "StepOutput", "RunContext", "local_context", "run_locally", "make_outer_optimizer",
+    "Task", "TaskDefaults", "StepOutput", "RunContext", "local_context", "run_locally", "make_outer_optimizer",
     "hvp", "hvp_operator", "mixed_vjp", "validate_problem", "tree", "linsolve",
     "BilevelError", "SpecError", "NonFiniteError", "NeumannDivergenceError", "IndefiniteHessianError", "StructureError", "ConvergenceWarning",
 ]

@@ -72,6 +72,24 @@ class Task(Protocol):
     def check_instance(self) -> Optional[dict[str, Any]]: ...
 
 
+class TaskDefaults:
+    """Defaults for the optional parts of a :class:`Task`: no final evaluation, no state besides the outer
+    params (a resumed run rebuilds the task from its Config), nothing for ``bilevel check``."""
+
+    def evaluate(self, outer: Params, ctx: "RunContext") -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")
+
+    def check_instance(self) -> Optional[dict[str, Any]]:
+        return None
+
+
 @dataclass
 class RunContext:
     """Where a task runs: device, processes, the chosen solver, the seed.

@@ -9,27 +9,6 @@ Not a nested problem: the Task's outer params are the network params and ``step`
 alignment paper reuses (Sec. 5.2: full batch, Adam, 501 steps, penalty 1 → 91257.18 at step 190);
 ``hparam_trial=k`` switches to DomainBed's defaults (k = 0) or random-search trial k.
 """
-from __future__ import annotations
+from problems.domain_generalization.problem_file import algorithm_problem
 
-from dataclasses import dataclass
-
-from bilevel import RunContext
-from problems.domain_generalization.harness import DGConfig, DGTask, build_task
-
-NAME = "coral"
-
-
-@dataclass(frozen=True)
-class Config(DGConfig):
-    algorithm: str = NAME
-
-
-SMOKE = Config(dataset="synthetic", hidden=16, anneal_step=2, penalty_weight=10.0)
-DEFAULT_SOLVER = "cg"   # unused: regularised risk minimisation has no hypergradient to solve for
-
-
-def build(cfg: Config, ctx: RunContext) -> DGTask:
-    if cfg.algorithm != NAME:
-        raise ValueError(f"problems.coral builds algorithm {NAME!r}, got algorithm={cfg.algorithm!r}; "
-                         f"use the problem module of that algorithm")
-    return build_task(cfg, ctx)
+Config, SMOKE, DEFAULT_SOLVER, build = algorithm_problem("coral", __name__)

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bilevel import StepOutput
+from bilevel import StepOutput, TaskDefaults
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ SMOKE = Config()
 DEFAULT_SOLVER = "cg"
 
 
-class FailingTask:
+class FailingTask(TaskDefaults):
     optimizer, lr = "sgd", 0.1
 
     def __init__(self, cfg, ctx):
@@ -29,18 +29,6 @@ class FailingTask:
         if self.cfg.nan_step < 0 and step == self.cfg.fail_step and ctx.process_index == self.cfg.fail_process:
             raise RuntimeError(f"deliberate failure on process {ctx.process_index} at step {step}")
         return StepOutput({"x": outer["x"].clone()}, {"outer_loss": float((outer["x"] ** 2).sum())})
-
-    def evaluate(self, outer, ctx):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    def check_instance(self):
-        return None
 
 
 def build(cfg, ctx):

@@ -47,7 +47,7 @@ def validate_problem(problem: BilevelProblem, inner: Params, outer: Params, inne
         f_value = problem.outer(theta, leaves, outer_batch)
     for name, value in (("inner_loss", g_value), ("outer_loss", f_value)):
         if not bool(torch.isfinite(value)):
-            raise NonFiniteError(f"{name} is {float(value)} at the initial params (before inner step 0)")
+            raise NonFiniteError(f"{name} is {float(value.detach())} at the initial params (before inner step 0)")
     keys = list(leaves)
     used_inner = _used(g_value, [leaves[k] for k in keys])
     used_outer = _used(f_value, [leaves[k] for k in keys])

@@ -104,7 +104,7 @@ def plot_curves(run_dir: str | Path, title: str) -> Optional[Path]:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # leave room for the title above the first row of panels
     path = Path(run_dir) / "curves.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -122,13 +122,7 @@ def hgp(head: Params, zs: Sequence[Tensor], ys: Sequence[Tensor], alpha: float, 
         q_ref = tree.detach(_pooled_hgp(lbar, head)) if alpha != 0 else None
     else:
         raise ValueError(f"unknown reference {reference!r}; valid: {REFERENCES}")
-    terms = []
-    for g, q in zip(gs, qs):
-        t = beta * _sqdist(g, g_ref)
-        if alpha != 0:
-            t = t + alpha * _sqdist(q, q_ref)
-        terms.append(t)
-    return _reduce(terms, reduction)
+    return _alignment(gs, g_ref, qs, q_ref, alpha, beta, reduction)
 
 
 def _pooled_hgp(lbar, head: Params) -> Params:
@@ -155,11 +149,16 @@ def hutchinson(head: Params, zs: Sequence[Tensor], ys: Sequence[Tensor], alpha: 
         d_ref = tree.detach(_pooled_diag(lbar, head, reference_probes)) if alpha != 0 else None
     else:
         raise ValueError(f"unknown reference {reference!r}; valid: {REFERENCES}")
+    return _alignment(gs, g_ref, ds, d_ref, alpha, beta, reduction)
+
+
+def _alignment(gs, g_ref, curvatures, curvature_ref, alpha: float, beta: float, reduction: str) -> Tensor:
+    """Σ_e (or mean over e) of β‖g_e − g_ref‖² + α‖c_e − c_ref‖², c = Hg (HGP) or diag H (Hutchinson)."""
     terms = []
-    for g, d in zip(gs, ds):
+    for g, c in zip(gs, curvatures):
         t = beta * _sqdist(g, g_ref)
         if alpha != 0:
-            t = t + alpha * _sqdist(d, d_ref)
+            t = t + alpha * _sqdist(c, curvature_ref)
         terms.append(t)
     return _reduce(terms, reduction)
 

@@ -146,3 +146,10 @@ def test_cg_on_an_indefinite_hessian_names_the_problem():
     b = {"x": torch.tensor([1.0, 1.0], dtype=torch.float64)}
     with pytest.raises(bilevel.IndefiniteHessianError, match="not positive definite"):
         bilevel.CG(maxiter=10)(lambda v: {"x": matrix @ v["x"]}, b)
+
+
+def test_override_of_a_field_the_solver_lacks_is_a_spec_error():
+    """``map_fn`` exists on cmaes only: overriding it on cg names the solver and lists its fields."""
+    assert bilevel.make_solver("cmaes", map_fn=list).map_fn is list
+    with pytest.raises(bilevel.SpecError, match="ImplicitCG has no field.*map_fn"):
+        bilevel.make_solver("cg", map_fn=list)

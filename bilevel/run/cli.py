@@ -59,7 +59,8 @@ def resolve(problem: str, smoke: bool, config_file: Optional[str], overrides: li
 def cmd_run(args: argparse.Namespace) -> int:
     from .loop import RunSpec, run  # imports accelerate; keep `bilevel list` light
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     module, cfg = resolve(args.problem, args.smoke, args.config, args.set)
     solver = args.solver or module.DEFAULT_SOLVER
     make_solver(solver)  # fail fast on an unknown solver or option, before any process group is set up
@@ -77,7 +78,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ..check import check
     from ..task import local_context
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     module, cfg = resolve(args.problem, args.smoke, args.config, args.set)
     solver = args.solver or module.DEFAULT_SOLVER
     task = module.build(cfg, local_context(solver, seed=args.seed))

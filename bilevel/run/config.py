@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -16,26 +17,20 @@ from typing import Any
 from ..errors import SpecError
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` converted to the field type ``tp`` (from a string when given on the command line)."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            if type(None) in args:
-                return None
-        errors = []
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return coerce(value, arg, key)
-            except SpecError as err:
-                errors.append(str(err))
+            except SpecError:
+                continue
         raise SpecError(f"config key {key!r}: {value!r} matches none of {tp}")
     if origin is typing.Literal:
         choices = typing.get_args(tp)

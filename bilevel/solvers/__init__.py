@@ -100,6 +100,11 @@ def make_solver(spec: Any, **overrides: Any) -> Any:
     else:
         raise SpecError(f"solver must be a spec string or a solver object, got {type(spec).__name__}; "
                         f"registered solvers: {', '.join(SOLVERS)}")
+    fields = {f.name for f in dataclasses.fields(solver)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise SpecError(f"solver {type(solver).__name__} has no field(s) {', '.join(unknown)} to override; its "
+                        f"fields: {', '.join(sorted(fields))}")
     return dataclasses.replace(solver, **overrides) if overrides else solver
 
 

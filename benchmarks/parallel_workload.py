@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import bilevel
-from bilevel import StepOutput, TaskDefaults
-from problems.data import rotated_digits, to_tensors
+from bilevel.problems.data import rotated_digits, to_tensors
 
 
 @dataclass(frozen=True)
@@ -37,31 +36,21 @@ def outer_loss(inner, outer, batch):
     return F.cross_entropy(x @ inner["W"].T + inner["b"], y)
 
 
-class LODOTask(TaskDefaults):
-    optimizer = "adam"
-
-    def __init__(self, cfg, ctx):
-        self.lr = cfg.outer_lr
-        ds = rotated_digits()
-        self.domains = sorted(set(ds["domain"]), key=float)
-        self.data = {d: tuple(t.flatten(1) if t.dim() > 1 else t for t in to_tensors(ds, [d])) for d in self.domains}
-        self.problem = bilevel.BilevelProblem(inner_loss, outer_loss)
-        self.loop = bilevel.InnerLoop(steps=cfg.inner_steps, lr=0.5, optimizer="momentum")
-        self.outer = {"log_l2": torch.full((64,), -4.0)}
-
-    def step(self, outer, ctx, step):
-        def held_out(domain):
-            sources = [self.data[d] for d in self.domains if d != domain]
-            train = (torch.cat([s[0] for s in sources]), torch.cat([s[1] for s in sources]))
-            inner0 = {"W": torch.zeros(10, 64), "b": torch.zeros(10)}
-            r = bilevel.hypergrad(self.problem, inner0, outer, inner_batch=train, outer_batch=self.data[domain],
-                                  solver=ctx.solver, loop=self.loop, validate=False)
-            return r.hypergrad["log_l2"], r.diagnostics["outer_loss"]
-
-        results = ctx.map(held_out, self.domains)
-        grad = torch.stack([g for g, _ in results]).mean(0)
-        return StepOutput({"log_l2": grad}, {"outer_loss": sum(l for _, l in results) / len(results)})
-
-
 def build(cfg, ctx):
-    return LODOTask(cfg, ctx)
+    ds = rotated_digits()
+    domains = sorted(set(ds["domain"]), key=float)
+    data = {d: tuple(t.flatten(1) if t.dim() > 1 else t for t in to_tensors(ds, [d])) for d in domains}
+
+    def subproblems(info):
+        subs = []
+        for domain in domains:
+            sources = [data[d] for d in domains if d != domain]
+            train = (torch.cat([s[0] for s in sources]), torch.cat([s[1] for s in sources]))
+            subs.append(bilevel.SubProblem(inner={"W": torch.zeros(10, 64), "b": torch.zeros(10)}, inner_batch=train,
+                                           outer_batch=data[domain], key=domain))
+        return subs
+
+    return bilevel.Nested(problem=bilevel.BilevelProblem(inner_loss, outer_loss), outer={"log_l2": torch.full((64,), -4.0)},
+                          loop=bilevel.InnerLoop(steps=cfg.inner_steps, lr=0.5, optimizer="momentum"),
+                          subproblems=subproblems, default_solver=DEFAULT_SOLVER, optimizer="adam", lr=cfg.outer_lr,
+                          validate=False)

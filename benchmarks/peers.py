@@ -60,8 +60,8 @@ def taylor_problem(steps: int = 100, hidden: int = 32) -> Problem:
     """One ITL-style Taylor-loss learning step: an MLP trained on digits rotated by 30° with the Taylor
     loss L_ω (12 coefficients ω, ITL parameterisation, CE-fit initialisation scaled by C = 10) plus
     ½·10⁻³‖θ‖²; outer loss = cross-entropy on digits rotated by 60°. Needs problems/losses/taylor.py."""
-    from problems.data.images import rotate
-    from problems.losses.taylor import TaylorSpec, initial_theta, taylor_loss
+    from bilevel.problems.data.images import rotate
+    from bilevel.problems.losses.taylor import TaylorSpec, initial_theta, taylor_loss
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
     d = load_digits()
@@ -108,7 +108,7 @@ def problem_keys(quick: bool) -> list[str]:
     keys = ["ridge-500"] if quick else ["ridge-100", "ridge-1000", "ridge-5000"]
     keys.append("digits")
     try:
-        import problems.losses.taylor  # noqa: F401
+        import bilevel.problems.losses.taylor  # noqa: F401
         keys.append("taylor")
     except Exception:
         pass

@@ -3,19 +3,23 @@
     min_φ F(θ*(φ), φ)   s.t.   θ*(φ) ∈ argmin_θ G(θ, φ)
 
 Define a :class:`BilevelProblem` from two pure functions, pick a solver by name, call :func:`hypergrad`.
+To run an outer loop, declare the problem (:class:`Nested` or :class:`SingleLevel`) and hand it to
+:class:`OuterLoop` / :func:`run_locally` (or ``bilevel run`` for problem files).
 """
 from . import linsolve, tree
 from .api import hypergrad
 from .autodiff import hvp, hvp_operator, mixed_vjp
 from .check import CheckReport, check
+from .combine import combine_gradients, conflicts
+from .context import RunContext, local_context
+from .declare import Declaration, Nested, SingleLevel, StepInfo, SubProblem
 from .errors import (BilevelError, ConvergenceWarning, IndefiniteHessianError, NeumannDivergenceError,
-                     NonFiniteError, SpecError,
-                     StructureError)
+                     NonFiniteError, SpecError, StructureError)
 from .inner import InnerLoop
 from .linsolve import CG, Exact, FixedPoint, LinearSolveInfo, Neumann
-from .solvers import (CMAES, SOLVERS, Forward, Implicit, ImplicitCG, ImplicitExact, ImplicitFixedPoint,
-                      ImplicitNeumann, OneStep, Unroll, describe_options, make_solver, solver_options)
-from .task import RunContext, StepOutput, Task, TaskDefaults, local_context, make_outer_optimizer, run_locally
+from .outer import OuterLoop, make_outer_optimizer, run_locally
+from .solvers import (CMAES, SOLVERS, Forward, Implicit, OneStep, Unroll, describe_options, make_solver,
+                      normalize_spec, solver_kind, solver_options)
 from .types import BilevelProblem, HypergradResult, Solver
 from .validate import validate_problem
 
@@ -23,11 +27,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BilevelProblem", "HypergradResult", "Solver", "InnerLoop", "hypergrad", "check", "CheckReport",
-    "SOLVERS", "make_solver", "solver_options", "describe_options",
-    "Implicit", "ImplicitCG", "ImplicitNeumann", "ImplicitFixedPoint", "ImplicitExact", "Forward", "Unroll",
-    "OneStep", "CMAES",
+    "SOLVERS", "make_solver", "solver_options", "describe_options", "solver_kind", "normalize_spec",
+    "Implicit", "Forward", "Unroll", "OneStep", "CMAES",
     "CG", "Neumann", "FixedPoint", "Exact", "LinearSolveInfo",
-    "Task", "TaskDefaults", "StepOutput", "RunContext", "local_context", "run_locally", "make_outer_optimizer",
+    "Nested", "SingleLevel", "SubProblem", "StepInfo", "Declaration",
+    "OuterLoop", "run_locally", "make_outer_optimizer", "RunContext", "local_context",
+    "combine_gradients", "conflicts",
     "hvp", "hvp_operator", "mixed_vjp", "validate_problem", "tree", "linsolve",
-    "BilevelError", "SpecError", "NonFiniteError", "NeumannDivergenceError", "IndefiniteHessianError", "StructureError", "ConvergenceWarning",
+    "BilevelError", "SpecError", "NonFiniteError", "NeumannDivergenceError", "IndefiniteHessianError",
+    "StructureError", "ConvergenceWarning",
 ]

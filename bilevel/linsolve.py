@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -26,12 +26,68 @@ MatVec = Callable[[Params], Params]
 
 @dataclass
 class LinearSolveInfo:
-    """Diagnostics of one linear solve. ``residual`` is ‖b − Hx‖ / ‖b‖ (a tensor under vmap)."""
+    """Diagnostics of one linear solve. ``residual`` is ‖b − Hx‖ / ‖b‖ (a tensor under vmap).
+
+    ``alpha`` is the step size a stationary iteration used and ``lambda_max`` the power-iteration
+    estimate of λ_max(H) behind ``alpha="auto"`` (None when not applicable / not estimated).
+    """
 
     iterations: int
     matvecs: int
     residual: float | Tensor
     converged: bool
+    alpha: Optional[float | Tensor] = None
+    lambda_max: Optional[float | Tensor] = None
+
+
+AUTO = "auto"
+
+
+def power_iteration(matvec: MatVec, like: Params, iterations: int, seed: int = 0) -> Tensor:
+    """Estimate λ_max(H) by ``iterations`` steps of the power method from a seeded random start.
+
+    Returns the Rayleigh quotient vᵀHv of the last normalised iterate: a lower bound on λ_max for
+    symmetric H that approaches it geometrically in λ₂/λ₁. Costs ``iterations`` matvecs; runs under
+    vmap (no host reads).
+    """
+    if iterations < 1:
+        raise ValueError(f"power iteration needs iterations >= 1, got {iterations}")
+    gen = torch.Generator().manual_seed(seed)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for k, p in like.items()}
+    estimate = torch.zeros((), dtype=next(iter(like.values())).dtype)
+    for _ in range(iterations):
+        v = tree.scale(v, 1.0 / torch.clamp(tree.norm(v), min=torch.finfo(estimate.dtype).tiny))
+        hv = matvec(v)
+        estimate = tree.dot(v, hv)
+        v = hv
+    return estimate
+
+
+def resolve_alpha(alpha: float | str, matvec: MatVec, like: Params, iterations: int
+                  ) -> tuple[float | Tensor, Optional[float | Tensor], int]:
+    """``(alpha, lambda_max, matvecs)``: a fixed alpha as given, or ``auto``: α = 1/λ̂_max.
+
+    λ̂_max comes from :func:`power_iteration`; it underestimates λ_max slightly, so α lands a little above
+    1/λ_max but far below the divergence bound 2/λ_max.
+    """
+    if alpha != AUTO:
+        return alpha, None, 0
+    lam = power_iteration(matvec, like, iterations)
+    batched = any_batched([lam])
+    if not batched and not float(lam) > 0:
+        raise IndefiniteHessianError(
+            f"alpha=auto: the power iteration's estimate of λ_max(H) is {float(lam):.3g} <= 0, so no step size "
+            "makes the series converge; the inner Hessian is not positive definite at the inner solution "
+            "(run the inner loop closer to a minimum, or add damping=...)")
+    return (1.0 / lam if batched else 1.0 / float(lam)), _as_float(lam, batched), iterations
+
+
+def _check_alpha(name: str, alpha: float | str) -> None:
+    if isinstance(alpha, str):
+        if alpha != AUTO:
+            raise ValueError(f"{name}.alpha must be a positive float or 'auto', got {alpha!r}")
+    elif not alpha > 0:
+        raise ValueError(f"{name}.alpha must be > 0 (or 'auto'), got {alpha}")
 
 
 def _relative_residual(matvec: MatVec, b: Params, x: Params) -> Tensor:
@@ -57,6 +113,7 @@ class CG:
     maxiter: int = 100
     rtol: float = 1e-6
     atol: float = 0.0
+    supports_warm_start: ClassVar[bool] = True
 
     def __call__(self, matvec: MatVec, b: Params, x0: Optional[Params] = None) -> tuple[Params, LinearSolveInfo]:
         batched = any_batched(b.values())
@@ -122,44 +179,58 @@ class Neumann:
     """Truncated Neumann series H⁻¹ b ≈ α Σ_{j=0}^{terms−1} (I − αH)^j b.
 
     The leading α matters (forgetting it is a classic bug, e.g. the ITL paper's pseudocode). Converges
-    for 0 < α < 2/λ_max(H) when H is positive definite; ``terms − 1`` matvecs. Divergence (a term
-    growing beyond ``growth_limit`` times ‖b‖, or a non-finite term) raises
-    :class:`NeumannDivergenceError` with an estimate of λ_max and a suggested alpha.
+    for 0 < α < 2/λ_max(H) when H is positive definite; ``terms − 1`` matvecs. ``alpha="auto"`` sets
+    α = 1/λ̂_max from ``power_iterations`` power-method matvecs. With a warm start x0 the series solves
+    for the correction: x = x0 + α Σ_j (I − αH)^j (b − H x0) (one more matvec), which is exact in the
+    limit and no worse than x0 when x0 is already close. Divergence (a term growing beyond
+    ``growth_limit`` times its start, or a non-finite term) raises :class:`NeumannDivergenceError` with an
+    estimate of λ_max and a suggested alpha.
     Reference: Lorraine, Vicol & Duvenaud, arXiv:1911.02590.
     """
 
-    alpha: float = 0.01
+    alpha: float | str = AUTO
     terms: int = 15
+    power_iterations: int = 20
     growth_limit: float = 10.0
+    supports_warm_start: ClassVar[bool] = True
 
-    def __call__(self, matvec: MatVec, b: Params, x0: Optional[Params] = None) -> tuple[Params, LinearSolveInfo]:
+    def __post_init__(self) -> None:
+        _check_alpha("Neumann", self.alpha)
         if self.terms < 1:
             raise ValueError(f"Neumann needs terms >= 1, got {self.terms}")
+
+    def __call__(self, matvec: MatVec, b: Params, x0: Optional[Params] = None) -> tuple[Params, LinearSolveInfo]:
         batched = any_batched(b.values())
-        b_norm = float(tree.norm(b)) if not batched else None
-        term, total = b, b
+        alpha, lam, matvecs = resolve_alpha(self.alpha, matvec, b, self.power_iterations)
+        rhs = b if x0 is None else tree.sub(b, matvec(x0))
+        matvecs += x0 is not None
+        r_norm = float(tree.norm(rhs)) if not batched else None
+        term, total = rhs, rhs
         for j in range(1, self.terms):
             h_term = matvec(term)
             if not batched:
-                self._check(term, h_term, b_norm, j)
-            term = tree.axpy(-self.alpha, h_term, term)
+                self._check(term, h_term, r_norm, j, alpha)
+            term = tree.axpy(-alpha, h_term, term)
             total = tree.add(total, term)
-        x = tree.scale(total, self.alpha)
+        x = tree.scale(total, alpha)
+        if x0 is not None:
+            x = tree.add(x0, x)
         if not batched:
             last = float(tree.norm(term))
-            if b_norm and last > b_norm * (1 + 1e-6):
-                warnings.warn(f"Neumann terms did not shrink (last/first norm {last / b_norm:.3g}); "
+            if r_norm and last > r_norm * (1 + 1e-6):
+                warnings.warn(f"Neumann terms did not shrink (last/first norm {last / r_norm:.3g}); "
                               "the series is not converging: lower alpha or check the inner solution.",
                               ConvergenceWarning, stacklevel=3)
         residual = _relative_residual(matvec, b, x) if not batched else torch.full((), float("nan"))
-        return x, LinearSolveInfo(self.terms - 1, self.terms, _as_float(residual, batched), True)
+        return x, LinearSolveInfo(self.terms - 1, matvecs + self.terms, _as_float(residual, batched), True,
+                                  alpha, lam)
 
-    def _check(self, term: Params, h_term: Params, b_norm: float, j: int) -> None:
+    def _check(self, term: Params, h_term: Params, r_norm: float, j: int, alpha: float) -> None:
         norm = float(tree.norm(term))
-        if not math.isfinite(norm) or (b_norm > 0 and norm > self.growth_limit * b_norm):
+        if not math.isfinite(norm) or (r_norm > 0 and norm > self.growth_limit * r_norm):
             curvature = float(tree.dot(term, h_term) / max(norm**2, 1e-300)) if math.isfinite(norm) else float("inf")
             raise NeumannDivergenceError(
-                _divergence_message("Neumann", j, norm / max(b_norm, 1e-300), self.alpha, curvature))
+                _divergence_message("Neumann", j, norm / max(r_norm, 1e-300), alpha, curvature))
 
 
 @dataclass(frozen=True)
@@ -170,16 +241,22 @@ class FixedPoint:
     by stopping on ``rtol`` and accepting a warm start. Reference: Grazzi et al., arXiv:2006.16218.
     """
 
-    alpha: float = 0.01
+    alpha: float | str = AUTO
     maxiter: int = 200
     rtol: float = 1e-6
+    power_iterations: int = 20
     growth_limit: float = 10.0
+    supports_warm_start: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_alpha("FixedPoint", self.alpha)
 
     def __call__(self, matvec: MatVec, b: Params, x0: Optional[Params] = None) -> tuple[Params, LinearSolveInfo]:
         batched = any_batched(b.values())
         b_norm = tree.norm(b)
+        alpha, lam, matvecs = resolve_alpha(self.alpha, matvec, b, self.power_iterations)
         x = x0 if x0 is not None else tree.zeros_like(b)
-        matvecs, iterations = 0, 0
+        iterations = 0
         r = tree.sub(b, matvec(x)) if x0 is not None else dict(b)
         matvecs += x0 is not None
         r0 = float(tree.norm(r)) if not batched else None
@@ -190,10 +267,10 @@ class FixedPoint:
                     hr = matvec(r)
                     curvature = float(tree.dot(r, hr) / max(rn**2, 1e-300)) if math.isfinite(rn) else float("inf")
                     raise NeumannDivergenceError(
-                        _divergence_message("Fixed-point", iterations, rn / max(r0, 1e-300), self.alpha, curvature))
+                        _divergence_message("Fixed-point", iterations, rn / max(r0, 1e-300), alpha, curvature))
                 if rn <= self.rtol * float(b_norm):
                     break
-            x = tree.axpy(self.alpha, r, x)
+            x = tree.axpy(alpha, r, x)
             r = tree.sub(b, matvec(x))
             matvecs += 1
             iterations += 1
@@ -205,7 +282,7 @@ class FixedPoint:
                 warnings.warn(f"fixed-point iteration stopped at maxiter={self.maxiter} with relative residual "
                               f"{float(residual):.3g} > rtol={self.rtol}; raise maxiter or alpha (below 2/λ_max).",
                               ConvergenceWarning, stacklevel=3)
-        return x, LinearSolveInfo(iterations, matvecs, _as_float(residual, batched), converged)
+        return x, LinearSolveInfo(iterations, matvecs, _as_float(residual, batched), converged, alpha, lam)
 
 
 @dataclass(frozen=True)
@@ -216,6 +293,7 @@ class Exact:
     """
 
     max_size: int = 5000
+    supports_warm_start: ClassVar[bool] = False  # a direct solve has no use for a starting point
 
     def __call__(self, matvec: MatVec, b: Params, x0: Optional[Params] = None) -> tuple[Params, LinearSolveInfo]:
         n = tree.numel(b)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-import problems.data as data
-from problems.data.cache import cache_size
+import bilevel.problems.data as data
+from bilevel.problems.data.cache import cache_size
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

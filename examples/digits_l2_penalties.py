@@ -80,19 +80,25 @@ for name, spec in specs.items():
 print("(unroll/forward differentiate the 300-step loop, so they differ from IFT by the loop's "
       "non-convergence; onestep and cmaes estimate a direction only: their scale is not a hypergradient's.)\n")
 
-# --- 2. train the penalties with one solver ------------------------------------------------------------
-phi = {k: v.clone().requires_grad_(True) for k, v in outer.items()}
-optimizer = torch.optim.Adam(phi.values(), lr=args.outer_lr)
-state, inner = None, inner0
-for step in range(args.outer_steps + 1):
-    result = bilevel.hypergrad(problem, inner, {k: v.detach() for k, v in phi.items()}, inner_batch=train_batch,
-                               outer_batch=val_batch, solver=args.solver, loop=loop, state=state)
-    state, inner = result.state, result.inner  # warm starts for the next outer step
-    if step % 10 == 0:
-        logits = test_batch[0] @ inner["W"].T + inner["b"]
-        accuracy = float((logits.argmax(1) == test_batch[1]).float().mean())
-        print(f"outer step {step:3d}: validation loss {result.diagnostics['outer_loss']:.4f}  "
-              f"test accuracy {accuracy:.3f}  mean log-penalty {float(phi['log_penalty'].detach().mean()):+.2f}")
-    for k, p in phi.items():
-        p.grad = result.hypergrad[k]
-    optimizer.step()
+# --- 2. train the penalties with one solver, through the library's outer loop ----------------------------
+# The declaration says what the problem is; the loop keeps the warm starts (the inner weights and the
+# solver's state continue from the previous outer step) and steps Adam on φ.
+def report(outer_params, inners):
+    inner = inners["0"]
+    logits = test_batch[0] @ inner["W"].T + inner["b"]
+    return {"validation_loss": float(outer_loss(inner, outer_params, val_batch)),
+            "test_accuracy": float((logits.argmax(1) == test_batch[1]).float().mean()),
+            "mean_log_penalty": float(outer_params["log_penalty"].mean())}
+
+
+declaration = bilevel.Nested(
+    problem=problem, outer=outer, loop=loop, default_solver=args.solver, optimizer="adam", lr=args.outer_lr,
+    subproblems=lambda info: [bilevel.SubProblem(inner=inner0, inner_batch=train_batch, outer_batch=val_batch)],
+    warm_start=True, evaluate=report)
+outer_loop = bilevel.OuterLoop(declaration, args.solver, bilevel.local_context())
+for done in range(0, args.outer_steps + 1, 10):
+    outer_loop.run(done)
+    if done:
+        values = outer_loop.evaluate()
+        print(f"outer step {done:3d}: validation loss {values['validation_loss']:.4f}  "
+              f"test accuracy {values['test_accuracy']:.3f}  mean log-penalty {values['mean_log_penalty']:+.2f}")

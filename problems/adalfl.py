@@ -1,34 +1,42 @@
 """AdaLFL: a loss network meta-learned online, one lookahead meta-step after every base step.
 
 "Meta-Learning Adaptive Loss Functions" (AdaLFL; Raymond, Chen, Xue, Zhang; arXiv:2301.13247, 2023).
-The base model f_θ is trained with the learned loss M_φ (``problems.losses.loss_network``, eq. 3/14) and
-φ is updated after every base step by differentiating the task loss L_T of the updated model on a
-held-out validation batch through that one SGD step (eqs. 6–11, Algorithm 2)::
+The base model f_θ is trained with the learned loss M_φ (``losses.loss_network``, eq. 3/14) and φ is
+updated after every base step by differentiating the task loss L_T of the updated model on a held-out
+validation batch through that one SGD step (eqs. 6–11, Algorithm 2)::
 
     θ_{t+1}(φ_t) = θ_t − α ∇_θ M_φt(y, f_θt(X))                       (inner G: the learned loss)
     φ_{t+1}      = φ_t − η ∇_φ L_T(y', f_{θ_{t+1}(φ_t)}(X'))          (outer F: MSE / cross-entropy)
 
-θ is never reset (θ_t is a constant w.r.t. φ_t). This is exactly the registered ``onestep`` solver with
-an ``InnerLoop(steps=1, optimizer="sgd", lr=α)``: each outer step returns dF/dφ and the updated θ, which
-the task keeps. Before the online phase, φ is initialised offline by ML³ (Algorithm 1: 2,500 meta-steps,
-each from a freshly initialised θ, one inner step, Adam lr 1e-3); ``build`` runs it. The online phase
-uses Adam with lr 1e-5 (App. C), the runner's outer optimiser.
+θ is never reset (θ_t is a constant w.r.t. φ_t). ``build`` declares exactly that: a ``bilevel.Nested``
+with one warm-started sub-problem (key ``"0"``, started from the online run's θ₀), an
+``InnerLoop(steps=1, optimizer="sgd", lr=α)`` and the ``onestep`` solver; the outer loop keeps θ and its
+optimiser state between steps and steps φ with Adam, lr 1e-5 (App. C). Before the online phase, φ is
+initialised offline by ML³ (Algorithm 1: 2,500 meta-steps, each from a freshly initialised θ, one inner
+step, Adam lr 1e-3). That is an outer loop too: ``build`` declares it (:func:`offline_init_declaration`,
+not warm-started) and runs it through ``bilevel.run_locally`` with the run's solver spec.
+
+Solvers: ``onestep`` (default) and the unrolled ones (``unroll``, ``forward``: with one inner step they
+differentiate the same lookahead). The implicit solvers are refused (one SGD step from a warm start is not a
+stationary point) and so is ``cmaes`` (a search over φ per base step is not the method).
 
 Comparators in the same harness (``Config.representation`` / ``Config.online``):
   - baseline: ``representation="meta_lr", online=False, init_steps=0`` — SGD on L_T (lr scale fixed at 1);
-  - ML³ (offline): ``online=False`` — φ frozen after the offline initialisation;
+    :func:`build_baseline` is the same SGD as a single-level objective, without the meta-gradient;
+  - ML³ (offline): ``online=False`` — φ frozen after the offline initialisation (the outer optimiser is
+    SGD with lr 0; the meta-gradient is still computed, since ``onestep`` also takes the base step);
   - Meta-LR (App. D.1, Algorithms 3–4): ``representation="meta_lr"`` — the inner loss is s·L_T, so the
-    effective base learning rate α·s is meta-learned by the same one-step rule.
+    effective base learning rate α·s is meta-learned by the same one-step rule (logged as ``effective_lr``).
 
 Explicit choices (the paper is silent): batch 32 for train and validation batches; the MLP has two hidden
 layers of 100 ReLU units (Baydin et al.'s MLP has 1000 — too slow here); diabetes features z-scored and
-the target min–max scaled to [0, 1] and centred at its mean, with training-split statistics, split 80/20 by seed; digits split
-70/30; 10 % of the training split held out as the validation set (App. C).
+the target min–max scaled to [0, 1] and centred at its mean, with training-split statistics, split 80/20 by
+seed; digits split 70/30; 10 % of the training split held out as the validation set (App. C).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -37,9 +45,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import bilevel
-from bilevel import RunContext, StepOutput
-from problems.losses.loss_network import init_loss_network, learned_loss
-from problems.noisy_training import minibatch_indices
+from bilevel import RunContext
+from .losses.loss_network import init_loss_network, learned_loss
+from .noisy_training import minibatch_indices
+
+Params = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,10 @@ class Config:
 
 SMOKE = Config(init_steps=3, hidden=8, loss_hidden=6)
 DEFAULT_SOLVER = "onestep"
+SOLVERS = ("online", "unrolled")
+SOLVER_NOTE = ("AdaLFL differentiates one SGD step from a warm-started θ: implicit solvers differentiate at a "
+               "stationary point of the learned loss, which one online step is not, and a zeroth-order search "
+               "over φ per base step is not the method")
 
 
 def load_data(cfg: Config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -105,132 +119,183 @@ def make_base_model(cfg: Config, in_dim: int, out_dim: int) -> nn.Module:
     raise ValueError(f"adalfl: model must be 'mlp' or 'logistic', got {cfg.model!r}")
 
 
-class AdaLFLTask:
-    """The online phase; the base model θ and its optimiser state are the task's state."""
+@dataclass(frozen=True)
+class Parts:
+    """The data, base model and losses of one config: what the offline init and the online phase share.
 
-    optimizer = "adam"
+    Every method is a pure function of its arguments (the model is only a template for
+    ``functional_call``), so the declarations built from it hold no mutable state.
+    """
 
-    def __init__(self, cfg: Config, ctx: RunContext, phi_init: Optional[dict] = None):
-        if cfg.representation not in ("network", "meta_lr"):
-            raise ValueError(f"adalfl: representation must be 'network' or 'meta_lr', got {cfg.representation!r}")
-        if cfg.meta_objective not in ("validation", "train"):
-            raise ValueError(f"adalfl: meta_objective must be 'validation' or 'train', got {cfg.meta_objective!r}")
-        self.cfg, self.device = cfg, ctx.device
-        self.data = {k: tuple(t.to(ctx.device) for t in v) for k, v in load_data(cfg).items()}
-        self.kind = "regression" if cfg.dataset == "diabetes" else "classification"
-        out_dim = 1 if self.kind == "regression" else 10
-        self.model = make_base_model(cfg, self.data["train"][0].shape[1], out_dim)
-        self.base_lr = cfg.base_lr or (0.001 if self.kind == "regression" else 0.01)
-        self.lr = cfg.meta_lr
-        self.loop = bilevel.InnerLoop(steps=1, optimizer="sgd", lr=self.base_lr)
-        self.problem = bilevel.BilevelProblem(self.inner_loss, self.outer_loss)
-        if cfg.representation == "network":
-            phi = init_loss_network(hidden=cfg.loss_hidden, seed=cfg.seed + 7)
-        else:
-            phi = {"lr_scale": torch.ones(())}
-        self.outer = {k: v.to(ctx.device) for k, v in phi.items()}
-        if phi_init is not None:  # reuse an offline init (ML³ and AdaLFL share it within a seed)
-            self.outer, self.init_curve = {k: v.detach().clone().to(ctx.device) for k, v in phi_init.items()}, []
-        else:
-            self.init_curve = self.offline_init(ctx) if cfg.init_steps > 0 else []
-        self.theta = self.fresh_theta(-1)   # the base model of the online phase: identical across methods
-        self.opt_state: Any = None
+    cfg: Config
+    data: dict
+    model: nn.Module
+    kind: str                             # "regression" | "classification"
+    base_lr: float                        # α
+    device: torch.device
 
-    # --- the bilevel problem -----------------------------------------------------------------------
-    def predict(self, theta, x):
+    @property
+    def problem(self) -> bilevel.BilevelProblem:
+        return bilevel.BilevelProblem(self.inner_loss, self.outer_loss)
+
+    @property
+    def loop(self) -> bilevel.InnerLoop:
+        """One plain SGD step with the base learning rate α (eq. 6)."""
+        return bilevel.InnerLoop(steps=1, optimizer="sgd", lr=self.base_lr)
+
+    def predict(self, theta: Params, x: torch.Tensor) -> torch.Tensor:
         out = functional_call(self.model, theta, (x,))
         return out.squeeze(-1) if self.kind == "regression" else out
 
-    def task_loss(self, theta, batch):
+    def task_loss(self, theta: Params, batch) -> torch.Tensor:
+        """L_T: MSE (regression) or cross-entropy (classification)."""
         x, y = batch
         out = self.predict(theta, x)
         return F.mse_loss(out, y) if self.kind == "regression" else F.cross_entropy(out, y)
 
-    def inner_loss(self, theta, phi, batch):
+    def inner_loss(self, theta: Params, phi: Params, batch) -> torch.Tensor:
         """M_φ(y, f_θ(x)) (eq. 14), or s·L_T for the Meta-LR comparator."""
         if "lr_scale" in phi:
             return phi["lr_scale"] * self.task_loss(theta, batch)
         x, y = batch
         return learned_loss(phi, self.predict(theta, x), y, self.kind)
 
-    def outer_loss(self, theta, phi, batch):
+    def outer_loss(self, theta: Params, phi: Params, batch) -> torch.Tensor:
         """L_T(y', f_θ(x')) on the meta batch (eq. 8)."""
         return self.task_loss(theta, batch)
 
-    def fresh_theta(self, index: int) -> dict:
-        """Base-model init number ``index`` of seed ``cfg.seed`` (−1: the online run's θ₀)."""
-        torch.manual_seed(1_000_003 * self.cfg.seed + index + 1)
-        for layer in self.model.modules():
-            if hasattr(layer, "reset_parameters"):
-                layer.reset_parameters()
-        return {k: v.detach().clone().to(self.device) for k, v in self.model.named_parameters()}
+    def fresh_theta(self, index: int) -> Params:
+        """Base-model init number ``index`` of seed ``cfg.seed`` (−1: the online run's θ₀).
 
-    def batches(self, step: int, stream: int) -> tuple:
+        ``nn.Linear``'s init draws from the global generator; it is seeded from (seed, index) inside
+        ``fork_rng`` so that the init is a function of its index and the caller's generator is untouched.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1_000_003 * self.cfg.seed + index + 1)
+            model = make_base_model(self.cfg, *self._dims)
+        return {k: v.detach().clone().to(self.device) for k, v in model.named_parameters()}
+
+    @property
+    def _dims(self) -> tuple[int, int]:
+        return self.data["train"][0].shape[1], 1 if self.kind == "regression" else 10
+
+    def batches(self, step: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Minibatch ``step`` of the base (``stream`` 0: train) or meta (1: validation, or train) stream."""
         split = "train" if stream == 0 or self.cfg.meta_objective == "train" else "val"
         x, y = self.data[split]
         idx = minibatch_indices(len(y), self.cfg.batch, step, self.cfg.seed * 7 + stream + 1)
         return x[idx], y[idx]
 
-    def offline_init(self, ctx: RunContext) -> list[float]:
-        """ML³ (Algorithm 1): θ reset every meta-step, one inner step, meta-objective on a validation batch."""
-        phi = {k: v.detach().clone().requires_grad_(True) for k, v in self.outer.items()}
-        opt = torch.optim.Adam(list(phi.values()), lr=self.cfg.init_lr)
-        curve = []
-        for t in range(self.cfg.init_steps):
-            res = bilevel.hypergrad(self.problem, self.fresh_theta(t), {k: v.detach() for k, v in phi.items()},
-                                    inner_batch=self.batches(t, 0), outer_batch=self.batches(t, 1),
-                                    solver="onestep", loop=self.loop, validate=t == 0)
-            for k, p in phi.items():
-                p.grad = res.hypergrad[k]
-            opt.step()
-            curve.append(res.diagnostics["outer_loss"])
-        self.outer = {k: v.detach() for k, v in phi.items()}
-        return curve
 
-    # --- Task interface ----------------------------------------------------------------------------
-    def step(self, outer, ctx: RunContext, step: int) -> StepOutput:
-        result = bilevel.hypergrad(self.problem, self.theta, outer, inner_batch=self.batches(step, 0),
-                                   outer_batch=self.batches(step, 1), solver=ctx.solver_spec, loop=self.loop,
-                                   state=self.opt_state, validate=step == 0)
-        self.theta, self.opt_state = result.inner, result.state
-        grads = result.hypergrad if self.cfg.online else {k: torch.zeros_like(v) for k, v in outer.items()}
-        metrics = dict(result.diagnostics)
-        if "lr_scale" in outer:
-            metrics["effective_lr"] = float(outer["lr_scale"]) * self.base_lr
-        return StepOutput(grads=grads, metrics=metrics)
-
-    def evaluate(self, outer, ctx: RunContext) -> dict[str, float]:
-        """Test MSE (regression) or error rate (classification) of the current base model."""
-        with torch.no_grad():
-            x, y = self.data["test"]
-            out = self.predict(self.theta, x)
-            if self.kind == "regression":
-                metric = {"test_mse": float(F.mse_loss(out, y))}
-            else:
-                metric = {"test_error": float((out.argmax(-1) != y).float().mean())}
-            metric["train_task_loss"] = float(self.task_loss(self.theta, self.data["train"]))
-        return metric
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"theta": self.theta, "opt_state": self.opt_state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.theta, self.opt_state = state["theta"], state["opt_state"]
-
-    def check_instance(self) -> Optional[dict[str, Any]]:
-        """The one-step lookahead from the current θ: ``bilevel.check`` with ``solver="onestep"``."""
-        return dict(problem=self.problem, inner=self.theta, outer=self.outer, inner_batch=self.batches(0, 0),
-                    outer_batch=self.batches(0, 1), loop=self.loop)
+def make_parts(cfg: Config, ctx: RunContext) -> Parts:
+    """Check the config, load the data onto ``ctx.device`` and pick α."""
+    if cfg.representation not in ("network", "meta_lr"):
+        raise ValueError(f"adalfl: representation must be 'network' or 'meta_lr', got {cfg.representation!r}")
+    if cfg.meta_objective not in ("validation", "train"):
+        raise ValueError(f"adalfl: meta_objective must be 'validation' or 'train', got {cfg.meta_objective!r}")
+    data = {k: tuple(t.to(ctx.device) for t in v) for k, v in load_data(cfg).items()}
+    kind = "regression" if cfg.dataset == "diabetes" else "classification"
+    model = make_base_model(cfg, data["train"][0].shape[1], 1 if kind == "regression" else 10)
+    base_lr = cfg.base_lr or (0.001 if kind == "regression" else 0.01)
+    return Parts(cfg, data, model, kind, base_lr, ctx.device)
 
 
-def build(cfg: Config, ctx: RunContext, phi_init: Optional[dict] = None) -> AdaLFLTask:
-    """The online task; ``phi_init`` skips the offline init and starts from the given φ."""
-    return AdaLFLTask(cfg, ctx, phi_init)
+def evaluate_base_model(parts: Parts, theta: Params) -> dict[str, float]:
+    """Test MSE (regression) or error rate (classification) of the base model θ, and L_T on the train split."""
+    with torch.no_grad():
+        x, y = parts.data["test"]
+        out = parts.predict(theta, x)
+        if parts.kind == "regression":
+            metric = {"test_mse": float(F.mse_loss(out, y))}
+        else:
+            metric = {"test_error": float((out.argmax(-1) != y).float().mean())}
+        metric["train_task_loss"] = float(parts.task_loss(theta, parts.data["train"]))
+    return metric
+
+
+def initial_phi(cfg: Config, ctx: RunContext) -> Params:
+    """φ₀ before any meta-learning: a seeded loss network, or the Meta-LR scale s = 1."""
+    if cfg.representation == "network":
+        phi = init_loss_network(hidden=cfg.loss_hidden, seed=cfg.seed + 7)
+    else:
+        phi = {"lr_scale": torch.ones(())}
+    return {k: v.to(ctx.device) for k, v in phi.items()}
+
+
+def offline_init_declaration(parts: Parts, phi0: Params) -> bilevel.Nested:
+    """ML³ (Algorithm 1): outer step t starts from the fresh θ number t, takes one inner SGD step on
+    train batch t and scores it on meta batch t; Adam with lr ``cfg.init_lr``. Not warm-started."""
+
+    def subproblems(info: bilevel.StepInfo) -> list[bilevel.SubProblem]:
+        return [bilevel.SubProblem(inner=parts.fresh_theta(info.step), inner_batch=parts.batches(info.step, 0),
+                                   outer_batch=parts.batches(info.step, 1))]
+
+    return bilevel.Nested(problem=parts.problem, outer=phi0, loop=parts.loop, subproblems=subproblems,
+                          default_solver=DEFAULT_SOLVER, optimizer="adam", lr=parts.cfg.init_lr, warm_start=False,
+                          solvers=SOLVERS, solver_note=SOLVER_NOTE)
+
+
+def offline_init(cfg: Config, ctx: RunContext, parts: Optional[Parts] = None
+                 ) -> tuple[Params, list[dict[str, float]]]:
+    """Run the ML³ initialisation (``cfg.init_steps`` outer steps, the run's solver spec) in this process.
+
+    Returns φ after the init and the per-step metrics (``outer_loss`` is Algorithm 1's meta-objective).
+    """
+    parts = parts or make_parts(cfg, ctx)
+    phi, history, _ = bilevel.run_locally(offline_init_declaration(parts, initial_phi(cfg, ctx)), cfg.init_steps,
+                                          solver=ctx.solver_spec, seed=ctx.seed, device=ctx.device)
+    return phi, history
+
+
+def build(cfg: Config, ctx: RunContext, phi_init: Optional[Params] = None) -> bilevel.Nested:
+    """The online phase (Algorithm 2), starting from the offline init's φ (or from ``phi_init``, which
+    skips the init: ML³ and AdaLFL share one within a seed)."""
+    parts = make_parts(cfg, ctx)
+    if phi_init is not None:
+        phi = {k: v.detach().clone().to(ctx.device) for k, v in phi_init.items()}
+    elif cfg.init_steps > 0:
+        phi, _ = offline_init(cfg, ctx, parts)
+    else:
+        phi = initial_phi(cfg, ctx)
+    theta0 = parts.fresh_theta(-1)  # the base model of the online phase: identical across methods
+
+    def subproblems(info: bilevel.StepInfo) -> list[bilevel.SubProblem]:
+        # warm-started: θ₀ is used only at the first step; afterwards the loop continues from its own θ
+        return [bilevel.SubProblem(inner=theta0, inner_batch=parts.batches(info.step, 0),
+                                   outer_batch=parts.batches(info.step, 1))]
+
+    def effective_lr(sub, result, outer) -> dict[str, float]:
+        """Meta-LR's learned base rate α·s at this step's φ."""
+        return {"effective_lr": float(outer["lr_scale"]) * parts.base_lr}
+
+    def evaluate(outer: Params, inners: Mapping[str, Params]) -> dict[str, float]:
+        return evaluate_base_model(parts, inners.get("0", theta0))  # θ₀ when no step has run
+
+    return bilevel.Nested(
+        problem=parts.problem, outer=phi, loop=parts.loop, subproblems=subproblems, default_solver=DEFAULT_SOLVER,
+        # online=False (ML³, baseline): φ must not move, so the outer optimiser is SGD with lr 0; the
+        # meta-gradient is still computed and logged (onestep takes the base step in the same pass)
+        optimizer="adam" if cfg.online else "sgd", lr=cfg.meta_lr if cfg.online else 0.0,
+        warm_start=True, solvers=SOLVERS, solver_note=SOLVER_NOTE,
+        metrics=effective_lr if cfg.representation == "meta_lr" else None, evaluate=evaluate)
+
+
+def build_baseline(cfg: Config, ctx: RunContext) -> bilevel.SingleLevel:
+    """The paper's baseline as a single-level objective: plain SGD (lr α) on L_T from the online θ₀ with
+    the online phase's train batches, no meta-gradient (for run-time ratios)."""
+    parts = make_parts(cfg, ctx)
+
+    def objective(theta: Params, info: bilevel.StepInfo):
+        return parts.task_loss(theta, parts.batches(info.step, 0)), {}
+
+    return bilevel.SingleLevel(params=parts.fresh_theta(-1), objective=objective, optimizer="sgd", lr=parts.base_lr,
+                               evaluate=lambda theta, inners: evaluate_base_model(parts, theta),
+                               kind="plain SGD on the task loss (AdaLFL's baseline)")
 
 
 def loss_curve(phi: dict, target: float, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
     """ℓ_φ(y = target, p) for p on [0, 1] (the paper's learned-loss plots)."""
-    from problems.losses.loss_network import loss_network
+    from .losses.loss_network import loss_network
 
     p = torch.linspace(0, 1, points)
     with torch.no_grad():
@@ -238,4 +303,6 @@ def loss_curve(phi: dict, target: float, points: int = 101) -> tuple[np.ndarray,
     return p.numpy(), values.numpy()
 
 
-__all__ = ["Config", "SMOKE", "DEFAULT_SOLVER", "build", "AdaLFLTask", "load_data", "loss_curve"]
+__all__ = ["Config", "SMOKE", "DEFAULT_SOLVER", "build", "build_baseline", "offline_init",
+           "offline_init_declaration", "make_parts", "Parts", "initial_phi", "evaluate_base_model", "load_data",
+           "loss_curve"]

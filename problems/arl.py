@@ -14,32 +14,39 @@ CMA-ES towards the candidates with the highest mean clean-validation accuracy. T
 conditions: architecture randomisation (AR: several networks, one dataset) and dataset randomisation
 (DR: one network, several datasets).
 
-Here: the registered ``cmaes`` solver (one generation per outer step, pseudo-gradient m_old − m_new,
-outer SGD with lr = 1 so the outer params are the CMA-ES mean), candidates scored through ``ctx.map``
-(split across Accelerate processes). The bilevel problem trains all the condition's networks at once:
-the inner params are the union of the networks' params (keys ``"{k}.{name}"``) and the inner loss is the
-sum of each network's Taylor loss on its own noisy minibatch, so the networks train independently.
-The outer loss is 1 − mean clean-validation accuracy (NaN for a diverged network: ranked last).
+As a bilevel problem (one sub-problem per outer step = per CMA-ES generation):
+
+    G(ω, θ) = Σ_k L̂_θ(f_k(x_k; ω_k), ỹ_k)     each network's rescaled Taylor loss on its own noisy minibatch
+    F(ω)    = 1 − (1/N) Σ_k acc(f_k(x_k^val; ω_k), y_k^val)     (NaN for a diverged network: ranked last)
+
+The inner params are the union of the condition's networks (keys ``"{k}.{name}"``); G separates, so the
+networks train independently. F is piecewise constant in θ: only a zeroth-order solver applies, and the
+declaration allows only that kind (``cmaes``). :func:`build` declares the problem; the library's outer
+loop (:class:`bilevel.OuterLoop`) runs one CMA-ES generation per outer step, keeps the CMA-ES state,
+scores the candidates through ``ctx.map`` (split across processes) and moves θ to the new mean (SGD,
+lr 1, on the pseudo-gradient m_old − m_new).
 
 Explicit choices (the thesis is silent): 8×8 data (``problems.noisy_training``), η = 10 in eq. A.2, the
 Brier score as the initial mean (a proper loss of O(1) coefficients, so one σ suits every coordinate),
-σ₀ = 0.5, popsize 8, a fixed budget of inner steps ("trained to convergence" is unaffordable here), and
-fresh network initialisations every generation, drawn from (seed, generation) so a resumed run repeats
-the uninterrupted one. The learned loss is the final CMA-ES mean (the thesis does not say mean or best).
+σ₀ = 0.5 and popsize 8 (options of ``DEFAULT_SOLVER``; they were ``Config.sigma`` / ``Config.popsize``,
+which duplicated the solver spec and were never read), a fixed budget of inner steps ("trained to
+convergence" is unaffordable here), and fresh network initialisations every generation, drawn from
+(data_seed, generation) with a private generator, so a resumed run repeats the uninterrupted one. The
+learned loss is the final CMA-ES mean (the thesis does not say mean or best).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional
 
 import torch
+from torch import nn
 from torch.func import functional_call
 
 import bilevel
-from bilevel import RunContext, StepOutput
-from problems.losses.taylor import (TaylorLoss, TaylorSpec, descent_raises_true_class, initial_theta,
-                                   taylor_loss)
-from problems.noisy_training import accuracy, load_split, make_model, minibatch_indices
+from bilevel import RunContext
+from .losses.taylor import TaylorLoss, TaylorSpec, descent_raises_true_class, initial_theta, taylor_loss
+from .noisy_training import accuracy, load_split, make_model, minibatch_indices
 
 
 @dataclass(frozen=True)
@@ -57,13 +64,13 @@ class Config:
     momentum: float = 0.9
     eta: float = 10.0                                   # η of eq. A.2 (not stated)
     init: str = "brier"                                 # initial CMA-ES mean (not stated)
-    popsize: int = 8                                    # not stated (pycma's default for 12-d is 11)
-    sigma: float = 0.5                                  # not stated
     data_seed: int = 0
 
 
-SMOKE = Config(architectures=("linear", "mlp2"), inner_steps=5, popsize=4, batch=32)
+SMOKE = Config(architectures=("linear", "mlp2"), inner_steps=5, batch=32)
+# popsize 8: not stated (pycma's default for 12-d is 11); σ₀ = 0.5: not stated.
 DEFAULT_SOLVER = "cmaes:popsize=8,sigma=0.5,seed=1"
+EVALUATION_GENERATION = 10**6  # seeds the final evaluation's networks apart from every search generation's
 
 
 def pairs(cfg: Config) -> list[tuple[str, str]]:
@@ -76,108 +83,118 @@ def pairs(cfg: Config) -> list[tuple[str, str]]:
                      f"randomisation), got {cfg.condition!r}")
 
 
-class ARLTask:
-    """One CMA-ES generation per outer step; state = the CMA-ES distribution (picklable ``cma`` object)."""
+def taylor_spec(cfg: Config) -> TaylorSpec:
+    """The loss family searched: order-4 Taylor polynomial, eq. 3.5 factorials, rescaled to [0, η] (eq. A.2)."""
+    return TaylorSpec("arl", 4, normalise=cfg.eta)
 
-    optimizer = "sgd"
-    lr = 1.0  # the cmaes pseudo-gradient is m_old − m_new: SGD with lr 1 lands on the new mean
 
-    def __init__(self, cfg: Config, ctx: RunContext):
-        if cfg.noise not in ("symmetric", "pairflip") or not 0 <= cfg.rate < 1:
-            raise ValueError(f"arl: noise must be 'symmetric' or 'pairflip' with rate in [0, 1), got "
-                             f"{cfg.noise!r} at {cfg.rate}")
-        self.cfg, self.device = cfg, ctx.device
-        self.spec = TaylorSpec("arl", 4, normalise=cfg.eta)
-        self.pairs = pairs(cfg)
-        self.data = {d: load_split(d, cfg.noise, cfg.rate, cfg.data_seed) for d in {d for _, d in self.pairs}}
-        self.models = [make_model(a, self.data[d].in_shape) for a, d in self.pairs]
-        self.outer = {"theta": initial_theta(self.spec, cfg.init).to(ctx.device)}
-        self.problem = bilevel.BilevelProblem(self.inner_loss, self.outer_loss)
-        self.loop = bilevel.InnerLoop(steps=cfg.inner_steps, optimizer="momentum", lr=cfg.inner_lr,
-                                      momentum=cfg.momentum)
-        self.outer_batch = tuple((self.data[d].x_val, self.data[d].y_val) for _, d in self.pairs)
-        self.solver_state: Any = None
-        self.history: list[dict[str, float]] = []
+def learned_loss(cfg: Config, outer) -> TaylorLoss:
+    """The loss θ = ``outer["theta"]`` as a drop-in ``loss_fn(logits, targets)`` (``.save(path)`` /
+    ``TaylorLoss.load``)."""
+    return TaylorLoss(outer["theta"].detach().cpu(), taylor_spec(cfg))
 
-    # --- the bilevel problem -----------------------------------------------------------------------
-    def _split(self, inner: dict) -> list[dict]:
+
+def default_init(models: list[nn.Module], generator: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """PyTorch's default initialisation of every network, drawn from ``generator``; keys ``"{k}.{name}"``.
+
+    Linear and Conv2d: W ~ kaiming_uniform(a=√5) = U(±1/√fan_in), b ~ U(±1/√fan_in), module by module,
+    weight before bias: the draws of ``reset_parameters()`` after ``torch.manual_seed(s)`` when the
+    generator is seeded with ``s``, so the numbers are those of the global-RNG version without touching the
+    global RNG (tests/test_arl.py checks the equality bitwise).
+    """
+    inner = {}
+    for k, model in enumerate(models):
+        for name, module in model.named_modules():
+            prefix = f"{k}.{name}." if name else f"{k}."
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                weight = torch.empty(module.weight.shape)
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+                inner[prefix + "weight"] = weight.to(device)
+                if module.bias is not None:
+                    bound = 1 / math.sqrt(weight[0].numel())  # fan_in = in_features (× kernel size)
+                    inner[prefix + "bias"] = torch.empty(module.bias.shape).uniform_(
+                        -bound, bound, generator=generator).to(device)
+            elif any(True for _ in module.parameters(recurse=False)):
+                raise TypeError(f"arl: no default initialisation for {type(module).__name__}")
+    return inner
+
+
+def build(cfg: Config, ctx: RunContext) -> bilevel.Nested:
+    """ARL as a bilevel problem: θ the Taylor coefficients, the inner params the condition's networks."""
+    if cfg.noise not in ("symmetric", "pairflip") or not 0 <= cfg.rate < 1:
+        raise ValueError(f"arl: noise must be 'symmetric' or 'pairflip' with rate in [0, 1), got "
+                         f"{cfg.noise!r} at {cfg.rate}")
+    spec, device = taylor_spec(cfg), ctx.device
+    pool = pairs(cfg)
+    data = {d: load_split(d, cfg.noise, cfg.rate, cfg.data_seed) for d in {d for _, d in pool}}
+    splits = [data[d] for _, d in pool]
+    with torch.device("meta"):  # architectures only: functional_call supplies every weight
+        models = [make_model(a, s.in_shape) for (a, _), s in zip(pool, splits)]
+
+    def per_network(inner: dict) -> list[dict]:
         return [{k.split(".", 1)[1]: v for k, v in inner.items() if k.split(".", 1)[0] == str(i)}
-                for i in range(len(self.models))]
+                for i in range(len(models))]
 
-    def inner_loss(self, inner, outer, batch):
-        """Σ_k L̂_θ(f_k(x_k), ỹ_k): each network's normalised Taylor loss (eq. 3.4–3.5, A.2) on its own
+    def inner_loss(inner, outer, batch):
+        """Σ_k L̂_θ(f_k(x_k), ỹ_k): each network's rescaled Taylor loss (eq. 3.4–3.5, A.2) on its own
         noisy minibatch."""
-        total = 0.0
-        for model, params, (x, y) in zip(self.models, self._split(inner), batch):
-            total = total + taylor_loss(functional_call(model, params, (x,)), y, outer["theta"], self.spec)
-        return total
+        return sum(taylor_loss(functional_call(m, p, (x,)), y, outer["theta"], spec)
+                   for m, p, (x, y) in zip(models, per_network(inner), batch))
 
-    def outer_loss(self, inner, outer, batch):
+    def outer_loss(inner, outer, batch):
         """1 − mean clean-validation accuracy (eq. 3.2); NaN if any network diverged."""
-        accs = [accuracy(functional_call(m, p, (x,)), y) for m, p, (x, y) in zip(self.models, self._split(inner), batch)]
+        accs = [accuracy(functional_call(m, p, (x,)), y) for m, p, (x, y) in zip(models, per_network(inner), batch)]
         return torch.tensor(1.0 - sum(accs) / len(accs), dtype=outer["theta"].dtype)
 
-    def inner_batch(self, step: int):
+    def inner_batch(step: int):
+        """Inner step ``step``'s noisy minibatch of every network (its own seeded epoch order)."""
         out = []
-        for k, (_, d) in enumerate(self.pairs):
-            s = self.data[d]
-            idx = minibatch_indices(len(s.y_train), self.cfg.batch, step, self.cfg.data_seed * 131 + k)
-            out.append((s.x_train[idx], s.y_train[idx]))
+        for k, s in enumerate(splits):
+            idx = minibatch_indices(len(s.y_train), cfg.batch, step, cfg.data_seed * 131 + k)
+            out.append((s.x_train[idx].to(device), s.y_train[idx].to(device)))
         return tuple(out)
 
-    def init_inner(self, generation: int) -> dict:
+    outer_batch = tuple((s.x_val.to(device), s.y_val.to(device)) for s in splits)
+
+    def init_inner(generation: int) -> dict:
         """Fresh networks for generation ``generation``, seeded from (data_seed, generation)."""
-        torch.manual_seed(10_007 * self.cfg.data_seed + generation)
-        inner = {}
-        for k, model in enumerate(self.models):
-            for layer in model.modules():
-                if hasattr(layer, "reset_parameters"):
-                    layer.reset_parameters()
-            inner.update({f"{k}.{n}": p.detach().clone().to(self.device) for n, p in model.named_parameters()})
-        return inner
+        return default_init(models, torch.Generator().manual_seed(10_007 * cfg.data_seed + generation), device)
 
-    # --- Task interface ----------------------------------------------------------------------------
-    def step(self, outer, ctx: RunContext, step: int) -> StepOutput:
-        solver = bilevel.make_solver(ctx.solver_spec)
-        if not isinstance(solver, bilevel.CMAES):
-            raise ValueError(f"arl searches a non-differentiable fitness (accuracy): use the 'cmaes' solver, "
-                             f"got {ctx.solver_spec!r}")
-        solver = bilevel.make_solver(solver, map_fn=ctx.map)  # candidates split across processes
-        result = bilevel.hypergrad(self.problem, self.init_inner(step), outer, inner_batch=self.inner_batch,
-                                   outer_batch=self.outer_batch, solver=solver, loop=self.loop,
-                                   state=self.solver_state, validate=False)
-        self.solver_state = result.state
-        metrics = dict(result.diagnostics)
-        metrics["clean_val_acc_mean"] = 1.0 - metrics["outer_loss"]
-        metrics["clean_val_acc_best_candidate"] = 1.0 - metrics["best_candidate_loss"]
-        self.history.append(metrics)
-        return StepOutput(grads=result.hypergrad, metrics=metrics)
+    def subproblems(info: bilevel.StepInfo) -> list[bilevel.SubProblem]:
+        return [bilevel.SubProblem(inner=init_inner(info.step), inner_batch=inner_batch, outer_batch=outer_batch)]
 
-    def evaluate(self, outer, ctx: RunContext) -> dict[str, float]:
-        """Clean validation accuracy of the meta-training pairs trained with the mean loss, and its sign check."""
-        theta = outer["theta"].detach()
+    problem = bilevel.BilevelProblem(inner_loss, outer_loss)
+    loop = bilevel.InnerLoop(steps=cfg.inner_steps, optimizer="momentum", lr=cfg.inner_lr, momentum=cfg.momentum)
+
+    def metrics(sub, result, outer) -> dict[str, float]:
+        """Clean meta-validation accuracy at the new mean and of the generation's best candidate."""
+        out = {"clean_val_acc_mean": 1.0 - result.diagnostics["outer_loss"]}
+        if "best_candidate_loss" in result.diagnostics:
+            out["clean_val_acc_best_candidate"] = 1.0 - result.diagnostics["best_candidate_loss"]
+        return out
+
+    def evaluate(outer, inners) -> dict[str, float]:
+        """Clean validation accuracy of the meta-training pairs trained with the loss θ, and its sign check."""
+        theta = {"theta": outer["theta"].detach()}
         with torch.no_grad():
-            inner, _, _ = self.loop.run(self.problem, self.init_inner(10**6), {"theta": theta}, self.inner_batch,
-                                        check_finite=False)
-            acc = 1.0 - float(self.outer_loss(inner, {"theta": theta}, self.outer_batch))
-        return {"clean_val_acc": acc, "descent_raises_true_class": float(descent_raises_true_class(theta.cpu(), self.spec))}
+            inner, _, _ = loop.run(problem, init_inner(EVALUATION_GENERATION), theta, inner_batch,
+                                   check_finite=False)
+            acc = 1.0 - float(outer_loss(inner, theta, outer_batch))
+        return {"clean_val_acc": acc,
+                "descent_raises_true_class": float(descent_raises_true_class(theta["theta"].cpu(), spec))}
 
-    def learned_loss(self, outer) -> TaylorLoss:
-        """The learned loss as a drop-in ``loss_fn(logits, targets)`` (``.save(path)`` / ``TaylorLoss.load``)."""
-        return TaylorLoss(outer["theta"].detach().cpu(), self.spec)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"solver_state": self.solver_state, "history": list(self.history)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.solver_state, self.history = state["solver_state"], list(state["history"])
-
-    def check_instance(self) -> Optional[dict[str, Any]]:
-        return None  # zeroth-order search of a non-differentiable fitness: no hypergradient to check
-
-
-def build(cfg: Config, ctx: RunContext) -> ARLTask:
-    return ARLTask(cfg, ctx)
+    return bilevel.Nested(
+        problem=problem, outer={"theta": initial_theta(spec, cfg.init).to(device)}, loop=loop,
+        subproblems=subproblems, default_solver=DEFAULT_SOLVER,
+        # Never used: a zeroth-order solver replaces the outer optimiser by its own update (SGD, lr 1, on
+        # m_old − m_new lands θ on the new CMA-ES mean). Declared as that update to say so.
+        optimizer="sgd", lr=1.0,
+        solvers=("zeroth_order",),
+        solver_note="the fitness, clean validation accuracy, is piecewise constant in θ: it has no useful "
+                    "gradient, so only a zeroth-order search applies",
+        # validate stays on: validate_problem needs θ to reach G (it does) and finite losses, not F to be
+        # differentiable (it accepts an F with no gradient path).
+        metrics=metrics, evaluate=evaluate)
 
 
 def with_condition(cfg: Config, condition: str, noise: str, rate: float) -> Config:

@@ -5,11 +5,11 @@ Hemati, Zhang, Estiri, Chen, "Understanding Hessian Alignment for Domain General
     R = (1/n) Σ_e L_e + λ(t) (1/n) Σ_e [α‖H_e g_e − mean_e H_e g_e‖² + β‖g_e − ḡ‖²]      (Eq. 18-20)
     H_e g_e = ‖g_e‖ ∇_θ‖g_e‖  (Eq. 21; or a direct HVP with hgp_mode="hvp"), θ = the linear head.
 
-Not a nested problem: the Task's outer params are the network params and ``step`` returns ∇R (see
+Not a nested problem: ``build`` declares a ``bilevel.SingleLevel`` objective R over the network params (see
 ``problems/domain_generalization/harness.py``). Defaults are the IRM Colored MNIST protocol the Hessian
 alignment paper reuses (Sec. 5.2: full batch, Adam, 501 steps, penalty 1 → 91257.18 at step 190);
 ``hparam_trial=k`` switches to DomainBed's defaults (k = 0) or random-search trial k.
 """
-from problems.domain_generalization.problem_file import algorithm_problem
+from .domain_generalization.problem_file import algorithm_problem
 
-Config, SMOKE, DEFAULT_SOLVER, build = algorithm_problem("hgp", __name__)
+Config, SMOKE, build = algorithm_problem("hgp", __name__)

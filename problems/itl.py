@@ -1,30 +1,36 @@
 """ITL: a Taylor-polynomial loss meta-learned for domain generalisation by implicit gradient.
 
-Gao, Gouk, Yang, Hospedales, "Loss Function Learning for Domain Generalization by Implicit Gradient",
-ICML 2022 (PMLR 162). The outer params are the 12 coefficients ω of the loss L_ω (eq. 10, see
-:mod:`problems.losses.taylor`); the inner params are the weights θ of a network trained with L_ω:
+Gao, Gouk, Yang, Hospedales, "Loss function learning for domain generalization by implicit gradient",
+ICML 2022 (PMLR 162; title in sentence case). The outer params are the 12 coefficients ω of the loss
+L_ω (eq. 10, see :mod:`bilevel.problems.losses.taylor`); the inner params are the weights θ of a network
+trained with L_ω:
 
     inner  G(θ, ω) = mean over the source domains D_s of L_ω(f_θ(x), y)          (eq. 3, ERM, eq. 1)
     outer  F(θ)    = cross-entropy of f_θ on the held-out domain D_t              (eq. 2, M = CE)
     dF/dω = −∂²G/∂ω∂θ · H⁻¹ ∇_θF,   H⁻¹ ≈ α Σ_{j<15} (I − αH)^j                   (eqs. 4–6, Alg. 2)
 
-Each outer step (Alg. 1, "robust gradient estimation", Sec. 3.3) runs leave-one-domain-out: for every
-meta-train domain a *freshly initialised* network is trained on the other domains with the current loss,
-its hypergradient is computed by the chosen solver, and the per-domain hypergradients are combined by
-PCGrad (:mod:`problems.gradient_surgery`; ``combine="mean"`` for plain averaging). The per-domain runs go
-through ``ctx.map``, so they are split across Accelerate processes. The meta-test (:func:`meta_test`) trains plain ERM
-with the frozen learned loss vs cross-entropy on new data with a new architecture.
+Each outer step (Alg. 1, "robust gradient estimation", Sec. 3.3) runs leave-one-domain-out: one
+sub-problem per meta-train domain (key = the domain's name), whose *freshly initialised* network is
+trained on the other domains with the current loss. The outer loop computes each hypergradient with the
+run's solver, splits the sub-problems across processes and combines them by PCGrad
+(:mod:`bilevel.combine`; ``combine="mean"`` for plain averaging). The meta-test (:func:`meta_test`)
+trains plain ERM with the frozen learned loss vs cross-entropy on new data with a new architecture.
 
 Explicit choices (the paper leaves them open; docs/itl.md):
-  - Neumann α (not reported): ``neumann_alpha=None`` sets α = 1/λ_max(H), λ_max from ``power_iterations``
-    power-iteration HVPs at each held-out run's θ*, so the series converges whatever the loss scale; the
-    leading α of the Neumann identity is applied (Alg. 2 omits it, digest E2).
-  - ``damping`` (default 0.1; 0 is the paper): H + δI with δ = damping·λ_max via a proximal term ½δ‖θ − θ*‖²
-    (same stationary point and mixed term), for the indefinite Hessians of trained MLPs.
-  - Implicit solvers: the network is trained by minibatch SGD (lr 0.01, batch 32, §4.1; step count not
-    reported) and H, ∂²G/∂ω∂θ are taken on the full source set at θ*. ``unroll``/``forward`` differentiate
-    the same minibatch loop; ``cmaes`` scores each candidate by the mean LODO held-out CE (one joint
-    problem of all held-out networks, whose summed inner loss separates, so the training is identical).
+  - Default solver ``neumann:terms=15,alpha=auto,damping=0.1,relative_damping=true``: the paper's
+    15-term series with α = 1/(λ̂_max + δ) and H + δI, δ = 0.1·λ̂_max (λ̂_max by power iteration at θ_K
+    on the full source set). The leading α of the Neumann identity is applied (Alg. 2 omits it, digest
+    E2); the damping (0 in the paper) is for the indefinite Hessians of trained MLPs. These used to be
+    the Config fields ``neumann_alpha``, ``power_iterations`` and ``damping``; they are now solver
+    options, so they apply only to the solver that names them (``--solver cg`` is undamped; write
+    ``cg:damping=0.1,relative_damping=true`` for the old behaviour).
+  - The network is trained by minibatch SGD (lr 0.01, batch 32, §4.1; step count not reported);
+    implicit solvers take H and ∂²G/∂ω∂θ on the full source set at θ_K (``inner_batch(inner_steps)``).
+    ``unroll``/``forward`` differentiate the same minibatch loop; ``cmaes`` scores each candidate by the
+    mean LODO held-out CE (the outer loop's joint problem of all held-out networks, whose summed inner
+    loss separates, so the training is identical).
+  - Network init and minibatch order are seeded by (run seed, outer step, held-out index)
+    (:func:`network_seed`), so a resumed or multi-process run repeats a one-process run.
   - Outer optimiser Adam (``outer_optimizer``) instead of the paper's plain GD: Adam is invariant to
     the gradient scale, which the paper's pseudocode changes by 1/α (digest E2).
   - Init ω (not reported): the Brier score × C (exact in the family, bounded, coefficients of order C;
@@ -33,19 +39,18 @@ Explicit choices (the paper leaves them open; docs/itl.md):
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch.func import functional_call
 
 import bilevel
-from bilevel import RunContext, StepOutput, tree
-from bilevel.solvers import CMAES, Implicit, ImplicitNeumann, parse_spec
-from problems.gradient_surgery import combine_gradients, conflicts
-from problems.losses import TaylorSpec, initial_theta, taylor_loss
+from bilevel import RunContext, tree
+from .losses import TaylorSpec, initial_theta, taylor_loss
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,7 @@ class Config:
     inner_steps: int = 1000                  # not reported ("to convergence")
     inner_optimizer: str = "sgd"             # not reported
     l2: float = 0.0                          # not in the paper; > 0 makes softmax regression strongly convex
-    # hypergradient (§3.1, §4.1): Neumann with 15 terms
-    neumann_alpha: Optional[float] = None    # None: α = 1/λ_max(H) by power iteration
-    power_iterations: int = 10
-    damping: float = 0.1                     # not in the paper (0): H + δI, δ = damping·λ_max (non-convex θ*)
+    # hypergradient (§3.1, §4.1): the solver spec (DEFAULT_SOLVER: Neumann, 15 terms) and the combination
     combine: str = "pcgrad"                  # §3.3; "mean" for the ablation
     # outer loop (§4.1, Alg. 1): 200 steps, lr 0.01
     outer_optimizer: str = "adam"            # paper: plain GD (see module docstring)
@@ -84,17 +86,20 @@ class Config:
     cache_dir: Optional[str] = None
 
 
+# SMOKE: 20 SGD steps leave the MLP far from a minimum, with λ_min(H) ≈ −0.6 λ_max(H); the default
+# solver's damping (0.1·λ_max) cannot make that series converge, so the smoke problem itself is damped
+# by l2 = 0.1 (the smallest of 0.02/0.03/0.05/0.1 with H + δI ≻ 0 at every smoke sub-problem checked).
 SMOKE = Config(dataset="rotated_digits", angles=(0, 30, 60), per_domain=40, hidden=16, inner_steps=20,
-               inner_batch=16, inner_lr=0.1, power_iterations=10, test_dataset="rotated_digits",
-               test_per_domain=30, test_steps=10, test_seeds=1, test_arch="mlp", damping=1.0)
-DEFAULT_SOLVER = "neumann:terms=15"
+               inner_batch=16, inner_lr=0.1, l2=0.1, test_dataset="rotated_digits", test_per_domain=30,
+               test_steps=10, test_seeds=1, test_arch="mlp")
+DEFAULT_SOLVER = "neumann:terms=15,alpha=auto,damping=0.1,relative_damping=true"
 
 
-def load_domains(name: str, angles, per_domain, seed: int, cache_dir=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{domain: (X, y)}`` of a rotated-domains dataset from :mod:`problems.data`, or of a user's
+def load_domains(name: str, angles, per_domain, seed: int, cache_dir=None) -> dict[str, Batch]:
+    """``{domain: (X, y)}`` of a rotated-domains dataset from :mod:`bilevel.problems.data`, or of a user's
     DomainBed-layout folder ``root/<domain>/<class>/<image>`` given as ``"folder:<root>"`` (PACS, VLCS,
     OfficeHome ...; RGB resized to 28×28, ``angles`` / ``per_domain`` unused)."""
-    from problems import data
+    from . import data
     if name.startswith("folder:"):
         ds = data.image_folder_domains(name.split(":", 1)[1], size=(28, 28), cache_dir=cache_dir)
         return {d: data.to_tensors(ds, domains=d) for d in data.domains_of(ds)}
@@ -135,181 +140,99 @@ def fresh_params(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-class ITLTask:
-    """Meta-learning ω by leave-one-domain-out implicit hypergradients (Alg. 1)."""
+def network_seed(seed: int, step: int, held_out: int) -> int:
+    """Seed of held-out run ``held_out``'s network init and minibatch order at outer step ``step``."""
+    return (seed * 1_000_003 + step * 101 + held_out) % (2 ** 31)
 
-    def __init__(self, cfg: Config, ctx: RunContext, domains: Optional[dict] = None):
-        if cfg.combine not in ("pcgrad", "mean"):
-            raise ValueError(f"ITL: combine must be 'pcgrad' or 'mean', got {cfg.combine!r}")
-        self.cfg = cfg
-        self.domains = domains if domains is not None else load_domains(
-            cfg.dataset, cfg.angles, cfg.per_domain, cfg.data_seed, cfg.cache_dir)
-        if len(self.domains) < 2:
-            raise ValueError(f"ITL needs at least 2 meta-train domains for leave-one-domain-out, got {len(self.domains)}")
-        self.names = list(self.domains)
-        x0, _ = self.domains[self.names[0]]
-        self.num_classes = int(max(int(y.max()) for _, y in self.domains.values())) + 1
-        self.model = make_model("mlp", tuple(x0.shape[1:]), cfg.hidden, self.num_classes)
-        self.spec = TaylorSpec(cfg.parameterisation, cfg.order)
-        self.outer = {"omega": initial_theta(self.spec, cfg.init, scale=float(self.num_classes)).to(ctx.device)}
-        self.optimizer, self.lr = cfg.outer_optimizer, cfg.outer_lr
-        if isinstance(ctx.solver, CMAES):  # its pseudo-gradient m_old − m_new is meant for SGD with lr 1
-            self.optimizer, self.lr = "sgd", 1.0
-        self.problem = bilevel.BilevelProblem(self.inner_loss, self.outer_loss)
-        self.solver_state: Any = None  # CMA-ES distribution (the gradient solvers are stateless here)
 
-    # ---- the bilevel problem of one held-out domain (eqs. 2–3)
-    def inner_loss(self, theta, outer, batch):
+def lodo_split(domains: Mapping[str, Batch], held_out: int) -> tuple[Batch, Batch]:
+    """(source set: all other domains concatenated, target set: domain number ``held_out``)."""
+    names = list(domains)
+    src = [domains[n] for i, n in enumerate(names) if i != held_out]
+    return (torch.cat([x for x, _ in src]), torch.cat([y for _, y in src])), domains[names[held_out]]
+
+
+def minibatches(source: Batch, seed: int, batch: int, steps: int) -> Callable[[int], Batch]:
+    """``k -> batch``: SGD minibatches (size ``batch``, seeded) for k < steps and the full source set at
+    k = steps, where implicit solvers take H and the mixed term. ``batch`` ≤ 0 or ≥ |source|: full batch."""
+    x, y = source
+    if batch <= 0 or batch >= len(y):
+        return lambda k: (x, y)
+    idx = torch.randint(0, len(y), (steps, batch), generator=torch.Generator().manual_seed(seed)).to(x.device)
+    return lambda k: (x[idx[k]], y[idx[k]]) if k < steps else (x, y)
+
+
+def itl_problem(model: torch.nn.Module, spec: TaylorSpec, l2: float = 0.0) -> bilevel.BilevelProblem:
+    """G(θ, ω) = L_ω(f_θ(x), y) (+ ½ l2 ‖θ‖²) and F(θ) = CE(f_θ(x), y), with ``model`` called functionally."""
+    def inner_loss(theta, outer, batch):
         x, y = batch
-        loss = taylor_loss(functional_call(self.model, theta, (x,)), y, outer["omega"], self.spec)
-        if self.cfg.l2:
-            loss = loss + 0.5 * self.cfg.l2 * sum((p ** 2).sum() for p in theta.values())
+        loss = taylor_loss(functional_call(model, theta, (x,)), y, outer["omega"], spec)
+        if l2:
+            loss = loss + 0.5 * l2 * sum((p ** 2).sum() for p in theta.values())
         return loss
 
-    def outer_loss(self, theta, outer, batch):
+    def outer_loss(theta, outer, batch):
         x, y = batch
-        return torch.nn.functional.cross_entropy(functional_call(self.model, theta, (x,)), y)
+        return torch.nn.functional.cross_entropy(functional_call(model, theta, (x,)), y)
 
-    def split(self, held_out: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """(source set: all other domains, target set: the held-out domain)."""
-        src = [self.domains[n] for i, n in enumerate(self.names) if i != held_out]
-        return (torch.cat([x for x, _ in src]), torch.cat([y for _, y in src])), self.domains[self.names[held_out]]
+    return bilevel.BilevelProblem(inner_loss, outer_loss)
 
-    def minibatches(self, source, seed: int):
-        """``k -> batch``: SGD minibatches (batch ``inner_batch``, seeded) for k < inner_steps, and the
-        full source set at k = inner_steps, where the implicit solvers take H and the mixed term."""
-        x, y = source
-        if self.cfg.inner_batch <= 0 or self.cfg.inner_batch >= len(y):  # full-batch gradient descent
-            return lambda k: (x, y)
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randint(0, len(y), (self.cfg.inner_steps, min(self.cfg.inner_batch, len(y))), generator=g)
-        return lambda k: (x[idx[k]], y[idx[k]]) if k < self.cfg.inner_steps else (x, y)
 
-    def loop(self, steps: Optional[int] = None) -> bilevel.InnerLoop:
-        return bilevel.InnerLoop(steps=self.cfg.inner_steps if steps is None else steps,
-                                 optimizer=self.cfg.inner_optimizer, lr=self.cfg.inner_lr)
+def held_out_metrics(problem: bilevel.BilevelProblem, model: torch.nn.Module, theta, outer, source: Batch,
+                     target: Batch) -> dict[str, float]:
+    """At θ_K: held-out accuracy, ‖∇θG(θ_K)‖ and G(θ_K) on the full source set (the IFT premise's gap)."""
+    grad_norm = tree.norm(torch.func.grad(problem.inner)(theta, outer, source))
+    with torch.no_grad():
+        acc = (functional_call(model, theta, (target[0],)).argmax(-1) == target[1]).float().mean()
+        loss = problem.inner(theta, outer, source)
+    return {"held_out_accuracy": float(acc), "inner_grad_norm": float(grad_norm), "inner_loss": float(loss)}
 
-    def _seed(self, ctx: RunContext, step: int, held_out: int) -> int:
-        return (ctx.seed * 1_000_003 + step * 101 + held_out) % (2 ** 31)
 
-    def lambda_max(self, theta, omega, batch) -> float:
-        """Largest eigenvalue of H = ∂²G/∂θ² at θ* by power iteration (``power_iterations`` HVPs)."""
-        matvec = bilevel.hvp_operator(lambda t: self.problem.inner(t, {"omega": omega}, batch), theta)
-        v = tree.tree_map(lambda p: torch.randn(p.shape, generator=torch.Generator().manual_seed(0)), theta)
-        lam = torch.zeros(())
-        for _ in range(self.cfg.power_iterations):
-            v = tree.scale(v, 1.0 / float(tree.norm(v)))
-            hv = matvec(v)
-            lam = tree.dot(v, hv)
-            v = hv
-        return float(lam)
+def build(cfg: Config, ctx: RunContext, domains: Optional[Mapping[str, Batch]] = None) -> bilevel.Nested:
+    """Leave-one-domain-out meta-learning of ω (Alg. 1): one sub-problem per meta-train domain.
 
-    def damped(self, anchor, delta: float) -> bilevel.BilevelProblem:
-        """G + ½δ‖θ − θ*‖²: the same stationary point and mixed term ∂²G/∂ω∂θ, Hessian H + δI."""
-        anchor = tree.detach(anchor)
+    Args:
+        cfg: the configuration.
+        ctx: where the run lives (device; the seed arrives through each step's ``StepInfo``).
+        domains: ``{name: (X, y)}`` to use instead of loading ``cfg.dataset`` (tests).
+    """
+    if cfg.combine not in ("pcgrad", "mean"):
+        raise ValueError(f"ITL: combine must be 'pcgrad' or 'mean', got {cfg.combine!r}")
+    if domains is None:
+        domains = load_domains(cfg.dataset, cfg.angles, cfg.per_domain, cfg.data_seed, cfg.cache_dir)
+    if len(domains) < 2:
+        raise ValueError(f"ITL needs at least 2 meta-train domains for leave-one-domain-out, got {len(domains)}")
+    domains = {name: (x.to(ctx.device), y.to(ctx.device)) for name, (x, y) in domains.items()}
+    names = list(domains)
+    splits = [lodo_split(domains, i) for i in range(len(names))]
+    num_classes = int(max(int(y.max()) for _, y in domains.values())) + 1
+    model = make_model("mlp", tuple(splits[0][0][0].shape[1:]), cfg.hidden, num_classes)
+    spec = TaylorSpec(cfg.parameterisation, cfg.order)
+    problem = itl_problem(model, spec, cfg.l2)
 
-        def inner(theta, outer, batch):
-            prox = sum(((theta[k] - anchor[k]) ** 2).sum() for k in theta)
-            return self.inner_loss(theta, outer, batch) + 0.5 * delta * prox
-        return bilevel.BilevelProblem(inner, self.outer_loss)
+    def subproblems(info: bilevel.StepInfo) -> list[bilevel.SubProblem]:
+        subs = []
+        for i, ((source, target), name) in enumerate(zip(splits, names)):
+            seed = network_seed(info.seed, info.step, i)  # Alg. 1 line 9: a fresh network every step
+            theta0 = {k: v.to(ctx.device, source[0].dtype) for k, v in fresh_params(model, seed).items()}
+            batches = minibatches(source, seed, cfg.inner_batch, cfg.inner_steps)
+            subs.append(bilevel.SubProblem(theta0, batches, target, key=name))
+        return subs
 
-    def held_out_run(self, outer, ctx: RunContext, step: int, held_out: int) -> dict[str, Any]:
-        """One LODO run: fresh network, training with L_ω on the sources, hypergradient of the held-out CE."""
-        source, target = self.split(held_out)
-        seed = self._seed(ctx, step, held_out)
-        theta0 = {k: v.to(ctx.device, source[0].dtype) for k, v in fresh_params(self.model, seed).items()}
-        batches = self.minibatches(source, seed)
-        solver = ctx.solver
-        metrics: dict[str, float] = {}
-        if isinstance(solver, Implicit):  # train, then differentiate at θ* on the full source set
-            theta, _, _ = self.loop().run(self.problem, theta0, outer, batches)
-            theta = tree.detach(theta)
-            auto_alpha = isinstance(solver, ImplicitNeumann) and self.cfg.neumann_alpha is None \
-                and "alpha" not in parse_spec(ctx.solver_spec)[1]
-            problem = self.problem
-            if auto_alpha or self.cfg.damping:
-                lam = self.lambda_max(theta, outer["omega"], source)
-                delta = self.cfg.damping * abs(lam)
-                metrics["lambda_max"], metrics["damping"] = lam, delta
-                if delta:
-                    problem = self.damped(theta, delta)
-                if auto_alpha:
-                    solver = dataclasses.replace(solver, alpha=1.0 / max(abs(lam) + delta, 1e-8))
-            elif isinstance(solver, ImplicitNeumann) and self.cfg.neumann_alpha is not None:
-                solver = dataclasses.replace(solver, alpha=self.cfg.neumann_alpha)
-            if isinstance(solver, ImplicitNeumann):
-                metrics["neumann_alpha"] = solver.alpha
-            result = bilevel.hypergrad(problem, theta, outer, inner_batch=source, outer_batch=target,
-                                       solver=solver, loop=self.loop(0), validate=step == 0)
-        else:
-            result = bilevel.hypergrad(self.problem, theta0, outer, inner_batch=batches, outer_batch=target,
-                                       solver=solver, loop=self.loop(), validate=step == 0)
-            theta = result.inner
-        grad_norm = tree.norm(torch.func.grad(self.problem.inner)(theta, outer, source))
-        with torch.no_grad():
-            acc = (functional_call(self.model, theta, (target[0],)).argmax(-1) == target[1]).float().mean()
-        metrics.update({k: float(v) for k, v in result.diagnostics.items() if isinstance(v, (int, float))})
-        if isinstance(solver, Implicit):  # count the training done here and the power-iteration HVPs
-            metrics["inner_steps"] = metrics["evaluations"] = float(self.cfg.inner_steps)
-            metrics["hvp_count"] += self.cfg.power_iterations if "lambda_max" in metrics else 0
-        metrics.update(held_out_accuracy=float(acc), inner_grad_norm=float(grad_norm),
-                       inner_loss=float(self.problem.inner(theta, outer, source)))
-        return {"grad": result.hypergrad["omega"].detach().cpu(), "metrics": metrics}
+    def metrics(sub: bilevel.SubProblem, result: bilevel.HypergradResult, outer) -> dict[str, float]:
+        """:func:`held_out_metrics` at the held-out run's θ_K (logged per domain and as the mean)."""
+        return held_out_metrics(problem, model, result.inner, outer, *splits[names.index(sub.key)])
 
-    def step(self, outer, ctx: RunContext, step: int) -> StepOutput:
-        if isinstance(ctx.solver, CMAES):
-            return self._cmaes_step(outer, ctx, step)
-        runs = ctx.map(lambda i: self.held_out_run(outer, ctx, step, i), list(range(len(self.names))))
-        grads = [{"omega": r["grad"].to(outer["omega"].device)} for r in runs]
-        combined = combine_gradients(grads, self.cfg.combine, seed=self._seed(ctx, step, 0))
-        metrics = {k: sum(r["metrics"][k] for r in runs) / len(runs) for k in runs[0]["metrics"]}
-        metrics["conflicting_pairs"] = float(conflicts(grads))
-        for name, r in zip(self.names, runs):
-            metrics[f"held_out_accuracy/{name}"] = r["metrics"]["held_out_accuracy"]
-        return StepOutput(grads=combined, metrics=metrics)
-
-    # ---- CMA-ES: all held-out networks as one joint problem (their inner losses separate)
-    def joint_problem(self, ctx: RunContext, step: int):
-        n = len(self.names)
-        splits = [self.split(i) for i in range(n)]
-        batchers = [self.minibatches(s, self._seed(ctx, step, i)) for i, (s, _) in enumerate(splits)]
-        sub = lambda theta, i: {k.split("/", 1)[1]: v for k, v in theta.items() if k.startswith(f"{i}/")}
-        inner = lambda th, om, b: sum(self.inner_loss(sub(th, i), om, b[i]) for i in range(n))
-        outer = lambda th, om, b: sum(self.outer_loss(sub(th, i), om, b[i]) for i in range(n)) / n
-        theta0 = {f"{i}/{k}": v.to(ctx.device) for i in range(n)
-                  for k, v in fresh_params(self.model, self._seed(ctx, step, i)).items()}
-        return (bilevel.BilevelProblem(inner, outer), theta0, lambda k: [b(k) for b in batchers],
-                [t for _, t in splits])
-
-    def _cmaes_step(self, outer, ctx: RunContext, step: int) -> StepOutput:
-        problem, theta0, batches, targets = self.joint_problem(ctx, step)
-        result = bilevel.hypergrad(problem, theta0, outer, inner_batch=batches, outer_batch=targets,
-                                   solver=ctx.solver, loop=self.loop(), state=self.solver_state, validate=False)
-        self.solver_state = result.state
-        metrics = {k: float(v) for k, v in result.diagnostics.items() if isinstance(v, (int, float))}
-        return StepOutput(grads=result.hypergrad, metrics=metrics)
-
-    # ---- runner interface
-    def evaluate(self, outer, ctx: RunContext) -> dict[str, float]:
+    def evaluate(outer, inners) -> dict[str, float]:
         """The meta-test (:func:`meta_test`) on ``test_dataset`` with ``test_arch``: learned loss vs CE."""
-        return meta_test(outer["omega"].detach().cpu(), self.spec, self.cfg)
+        return meta_test(outer["omega"].detach().cpu(), spec, cfg)
 
-    def state_dict(self) -> dict[str, Any]:
-        # Networks are re-initialised every outer step (Alg. 1 line 9) and seeded by (seed, step, domain),
-        # so only the CMA-ES distribution carries over between steps.
-        return {"solver_state": self.solver_state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.solver_state = state["solver_state"]
-
-    def check_instance(self) -> Optional[dict[str, Any]]:
-        source, target = self.split(0)
-        return dict(problem=self.problem, inner=fresh_params(self.model, 0), outer=self.outer,
-                    inner_batch=source, outer_batch=target, loop=self.loop(min(self.cfg.inner_steps, 200)))
-
-
-def build(cfg: Config, ctx: RunContext) -> ITLTask:
-    return ITLTask(cfg, ctx)
+    return bilevel.Nested(
+        problem=problem,
+        outer={"omega": initial_theta(spec, cfg.init, scale=float(num_classes)).to(ctx.device)},
+        loop=bilevel.InnerLoop(steps=cfg.inner_steps, optimizer=cfg.inner_optimizer, lr=cfg.inner_lr),
+        subproblems=subproblems, default_solver=DEFAULT_SOLVER, optimizer=cfg.outer_optimizer,
+        lr=cfg.outer_lr, combine=cfg.combine, warm_start=False, metrics=metrics, evaluate=evaluate)
 
 
 def erm(loss_fn, train, arch: str, steps: int, lr: float, seed: int, hidden: int = 256, batch: int = 64,
@@ -346,7 +269,7 @@ def meta_test(omega: torch.Tensor, spec: TaylorSpec, cfg: Config, dataset: Optio
     ``lrs`` each loss picks its learning rate by in-domain validation accuracy (training-domain
     validation, DomainBed), the same budget for both losses. ``extra`` adds losses ``{name: loss_fn}``.
     """
-    from problems.losses import TaylorLoss
+    from .losses import TaylorLoss
     doms = load_domains(dataset or cfg.test_dataset, cfg.angles, cfg.test_per_domain, data_seed, cfg.cache_dir)
     names = targets or list(doms)
     num_classes = int(max(int(y.max()) for _, y in doms.values())) + 1

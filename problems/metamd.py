@@ -15,27 +15,48 @@ No validation data: E is the convergence-rate bound of Prop. 1. Two task familie
   batch of n tasks is one inner problem with θ of shape (n, 2) (the tasks are independent).
 * ``family="digits"`` / ``"mnist"``: leave-one-rotation-out on rotated sklearn digits (8×8) or Rotated
   MNIST (28×28), a 3-layer MLP, Kronecker-factored M (Sec. 5.4.3, 5.6.2). Each outer step trains one fresh
-  MLP per training rotation (split across processes by ``ctx.map``) and averages their meta-gradients.
+  MLP per training rotation (one sub-problem each) and averages their meta-gradients.
 
-The meta-gradient is computed on :func:`~problems.mirror_descent.displacement_problem` (MD written as
-gradient descent on u = M^{1/2}(θ − θ_1)), so any registered solver applies: ``unroll`` / ``forward``
-(exact derivative of the T-step loop), implicit solvers (``cg``, ``exact``: strongly convex tasks after
-convergence only), ``cmaes``. ``metagrad="envelope"`` uses the corrected implicit formula and
-``metagrad="eq528"`` the thesis's printed eq. 5.28 (documented to be wrong; see docs/metamd.md).
+What ``build`` declares depends on ``Config.metagrad``:
+
+* ``"solver"``: a :class:`bilevel.Nested` on :func:`~problems.mirror_descent.displacement_problem` (MD
+  written as gradient descent on u = M^{1/2}(θ − θ_1) from u = 0, G(u, φ) = L(θ_1 + M^{-1/2}u),
+  F(u, φ) = ½‖u‖²/n + k/λ_min(M) + γ‖M − I‖²). The sub-problems of an outer step are the quadratic
+  family's one meta-batch (key ``"0"``) or one fresh MLP per training rotation (key = the rotation), with
+  (θ_1, data) in the batch, drawn from (seed, step, rotation). The outer loop solves them (split across
+  processes), averages their meta-gradients, clips the mean's norm to ``Config.clip`` and replaces a
+  non-finite mean by zero (``outer_grad_norm``, ``clipped``, ``skipped`` in the log; they were
+  ``metagrad_norm`` and ``diverged`` before the one outer loop). Solvers: ``unroll`` (default) and
+  ``forward`` (the exact derivative of the T-step loop), ``cmaes``, and on the quadratic family only the
+  implicit ones (``cg``, ``exact`` ...: the strongly convex tasks make the u-Hessian M^{-1/2}·2Q·M^{-1/2}
+  invertible; they give the converged, T → ∞, meta-gradient, so they match ``unroll`` only once
+  ``inner_steps`` lets the tasks converge). Not the implicit solvers on the MLP families (the u-Hessian
+  of an over-parameterised MLP is singular or indefinite, and T = 100 steps are far from a stationary
+  point), and not ``onestep`` (an online, warm-started one-step quantity: MetaMD retrains from a fresh
+  θ_1 each step).
+* ``"fmd"`` (quadratic family only: App. C.2's closed-form forward mode, equal to ``forward``),
+  ``"envelope"`` (the corrected implicit formula) or ``"eq528"`` (the thesis's printed eq. 5.28,
+  documented to be wrong; see docs/metamd.md): the meta-gradient is computed in closed form, so ``build``
+  returns a :class:`bilevel.SingleLevel` with ``gradient=`` (the mean over the step's items; same
+  clipping and non-finite rule), and asking it for ``--solver`` is an error.
+
+Explicit choices: φ₀ is M = I for the diagonal map and a, b ~ N(0, init_scale²/dim) for the Kronecker
+map (a = b = 0 is stationary); quadratic tasks of step t are drawn from seed·100003 + t, the MLP's θ_1
+for rotation i from seed·100003 + 101·t + i; Adam on φ; the meta-gradient's norm is clipped (ours).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch.func import functional_call
 
 import bilevel
-from bilevel import RunContext, StepOutput
-from problems import mirror_descent as md
+from bilevel import RunContext
+from . import mirror_descent as md
 
 FAMILIES = ("quadratic", "digits", "mnist")
 METAGRADS = ("solver", "fmd", "envelope", "eq528")
@@ -44,8 +65,8 @@ METAGRADS = ("solver", "fmd", "envelope", "eq528")
 @dataclass(frozen=True)
 class Config:
     family: str = "quadratic"           # Sec. 5.6.1 (quadratic) or 5.6.2 (rotated digits / MNIST)
-    metagrad: str = "solver"            # "solver" (ctx.solver_spec), "fmd" (App. C.2, quadratic only),
-                                        # "envelope" or "eq528" (Sec. 5.4.4)
+    metagrad: str = "solver"            # "solver" (the run's --solver), "fmd" (App. C.2, quadratic only),
+                                        # "envelope" or "eq528" (Sec. 5.4.4): closed forms, no --solver
     inner_steps: int = 500              # T; "to convergence" in the thesis, T=500 in its DiverseDigits runs
     inner_lr: float = 0.02              # base step η (not stated; digest E.5)
     k: float = 0.01                     # weight of k/λ in eq. 5.7 (not stated; digest E.5)
@@ -60,7 +81,8 @@ class Config:
     init_scale: float = 0.0             # φ init: s = 0 (M = I); Kronecker maps need > 0 (a = b = 0 is stationary)
     test_fraction: float = 0.3          # per-domain held-out test split
     per_domain: Optional[int] = None    # Rotated MNIST images per domain (None: all ~833)
-    clip: float = 10.0                  # meta-gradient norm clip (ours): past the stability edge of η/M the
+    clip: float = 10.0                  # meta-gradient norm clip (ours; the outer loop's clip_norm, applied to
+                                        # the mean over sub-problems): past the stability edge of η/M the
                                         # unrolled E explodes, one such gradient would freeze Adam's step;
                                         # a non-finite meta-gradient (overflow) is replaced by zero
     eval_tasks: int = 20                # quadratic family: number of held-out tasks in evaluate()
@@ -158,7 +180,7 @@ def make_mlp(cfg: Config, in_features: int) -> torch.nn.Module:
 def load_domains(cfg: Config) -> dict[str, tuple[torch.Tensor, ...]]:
     """{angle: (x_train, y_train, x_test, y_test)} from problems.data (offline; cached under cfg.cache_dir)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from problems import data
+    from . import data
 
     if cfg.family == "digits":
         ds = data.rotated_digits(angles=cfg.angles, seed=cfg.data_seed, cache_dir=cfg.cache_dir)
@@ -192,132 +214,163 @@ def init_params(model: torch.nn.Module, seed: int) -> dict:
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-# ---------------------------------------------------------------- the task
-class MetaMDTask:
-    """Outer state: none besides φ and its optimiser (task samples and θ_1 are derived from (seed, step))."""
+# ---------------------------------------------------------------- the declaration
+@dataclass(frozen=True)
+class Family:
+    """What a task family fixes for a whole run (a function of the Config alone).
 
-    optimizer = "adam"
+    Attributes:
+        loss: the inner loss L(θ; data).
+        mmap: the mirror map M(φ).
+        outer: φ₀.
+        items: the sub-problem keys of an outer step: ``("0",)`` (the quadratic meta-batch) or the
+            training rotations (every rotation but ``Config.holdout``), in the data's order.
+        model: the MLP whose parameters θ are (digits / mnist); None for quadratics.
+        domains: ``{rotation: (x_train, y_train, x_test, y_test)}`` (digits / mnist); empty for quadratics.
+    """
 
-    def __init__(self, cfg: Config, ctx: RunContext):
-        if cfg.family not in FAMILIES:
-            raise ValueError(f"metamd: unknown family {cfg.family!r}; choose one of {FAMILIES}")
-        if cfg.metagrad not in METAGRADS:
-            raise ValueError(f"metamd: unknown metagrad {cfg.metagrad!r}; choose one of {METAGRADS}")
-        if cfg.inner_steps < 1 or not cfg.inner_lr > 0:
-            raise ValueError("metamd: inner_steps must be >= 1 and inner_lr > 0")
-        self.cfg, self.lr = cfg, cfg.outer_lr
-        self.loop = bilevel.InnerLoop(steps=cfg.inner_steps, lr=cfg.inner_lr, optimizer="sgd")
-        if cfg.family == "quadratic":
-            self.mmap = md.DiagonalMap({"x": torch.Size([2])})
-            self.loss = quadratic_loss
-            self.outer = self.mmap.init(cfg.init_scale, seed=cfg.data_seed, dtype=torch.float64)
-            self.problem = md.displacement_problem(quadratic_loss, self.mmap, cfg.k, cfg.reg,
-                                                   n_tasks=cfg.tasks_per_step)
-        else:
-            self.domains = load_domains(cfg)
-            if cfg.holdout not in self.domains:
-                raise ValueError(f"metamd: holdout {cfg.holdout!r} is not a domain; domains: {list(self.domains)}")
-            self.train_domains = [d for d in self.domains if d != cfg.holdout]
-            x0 = self.domains[cfg.holdout][0]
-            self.model = make_mlp(cfg, x0[0].numel())
-            self.loss = mlp_loss(self.model)
-            self.mmap = md.KroneckerMap({n: p.shape for n, p in self.model.named_parameters()})
-            self.outer = self.mmap.init(cfg.init_scale, seed=cfg.data_seed)
-            self.problem = md.displacement_problem(self.loss, self.mmap, cfg.k, cfg.reg)
-        self.outer = {k: v.to(ctx.device) for k, v in self.outer.items()}
+    loss: Callable[[dict, Any], torch.Tensor]
+    mmap: Union[md.DiagonalMap, md.KroneckerMap]
+    outer: dict
+    items: tuple[str, ...]
+    model: Optional[torch.nn.Module] = None
+    domains: Optional[dict] = None
 
-    def _instance(self, step: int, item: Any, seed: int):
-        """(θ_1, data) of one inner problem: a meta-batch of quadratics, or one MLP on one rotation."""
-        if self.cfg.family == "quadratic":
-            q, b = sample_quadratics(self.cfg, self.cfg.tasks_per_step, seed * 100_003 + step)
-            return {"x": torch.zeros_like(b)}, (q, b)
-        x, y = self.domains[item][:2]
-        return init_params(self.model, seed * 100_003 + step * 101 + self.train_domains.index(item)), (x, y)
 
-    def metagrad(self, outer: dict, theta1: dict, data: Any, solver: str) -> tuple[dict, dict]:
-        """dE/dφ of one inner problem, with the chosen method; returns (gradient, metrics)."""
-        cfg = self.cfg
-        if cfg.metagrad == "fmd":
-            if cfg.family != "quadratic":
-                raise ValueError("metamd: metagrad='fmd' is the closed-form diagonal FMD of the quadratic family; "
-                                 "use metagrad='solver' with 'unroll' or 'forward' for the MLP families")
-            g, value = quadratic_fmd(cfg, outer["x:s"], *data)
-            return {"x:s": g.to(outer["x:s"])}, {"outer_loss": value}
-        if cfg.metagrad == "solver":
-            u0 = {n: torch.zeros_like(v) for n, v in theta1.items()}
-            res = bilevel.hypergrad(self.problem, u0, outer, inner_batch=(theta1, data), outer_batch=(theta1, data),
-                                    solver=solver, loop=self.loop, validate=False)
-            return res.hypergrad, {"outer_loss": res.diagnostics["outer_loss"],
-                                   "inner_loss": res.diagnostics["inner_loss"]}
-        theta_t, losses = md.md_run(self.loss, self.mmap, outer, theta1, data, cfg.inner_steps, cfg.inner_lr)
-        scale = 1.0 / cfg.tasks_per_step if cfg.family == "quadratic" else 1.0
-        fn = md.metagrad_implicit if cfg.metagrad == "envelope" else md.metagrad_thesis_eq528
-        # the Bregman term is a sum over the stacked tasks; rescale it to eq. 5.7's mean
-        g_breg = fn(self.mmap, outer, theta_t, theta1)
-        g_rest = torch.func.grad(lambda p: md.meta_objective(self.mmap, p, theta_t, theta1, cfg.k, cfg.reg)
-                                 - md.bregman(self.mmap, p, theta_t, theta1))(outer)
-        value = scale * md.bregman(self.mmap, outer, theta_t, theta1)
-        grads = {n: scale * g_breg[n] + g_rest[n] for n in outer}
-        return grads, {"outer_loss": float(value), "inner_loss": float(losses[-1])}
+def check_config(cfg: Config) -> None:
+    """Reject unknown families / meta-gradients and settings that cannot run."""
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"metamd: unknown family {cfg.family!r}; choose one of {FAMILIES}")
+    if cfg.metagrad not in METAGRADS:
+        raise ValueError(f"metamd: unknown metagrad {cfg.metagrad!r}; choose one of {METAGRADS}")
+    if cfg.inner_steps < 1 or not cfg.inner_lr > 0:
+        raise ValueError("metamd: inner_steps must be >= 1 and inner_lr > 0")
+    if cfg.metagrad == "fmd" and cfg.family != "quadratic":
+        raise ValueError("metamd: metagrad='fmd' is the closed-form diagonal FMD of the quadratic family; "
+                         "use metagrad='solver' with 'unroll' or 'forward' for the MLP families")
 
-    def step(self, outer, ctx: RunContext, step: int) -> StepOutput:
-        items = [None] if self.cfg.family == "quadratic" else self.train_domains
 
-        def one(item):
-            theta1, data = self._instance(step, item, ctx.seed)
-            return self.metagrad(outer, theta1, data, ctx.solver_spec)
+def family_of(cfg: Config) -> Family:
+    """The loss, mirror map, φ₀ and sub-problem keys of ``cfg.family`` (loads the rotated data)."""
+    check_config(cfg)
+    if cfg.family == "quadratic":
+        mmap = md.DiagonalMap({"x": torch.Size([2])})
+        return Family(quadratic_loss, mmap, mmap.init(cfg.init_scale, seed=cfg.data_seed, dtype=torch.float64),
+                      ("0",), None, {})
+    domains = load_domains(cfg)
+    if cfg.holdout not in domains:
+        raise ValueError(f"metamd: holdout {cfg.holdout!r} is not a domain; domains: {list(domains)}")
+    model = make_mlp(cfg, domains[cfg.holdout][0][0].numel())
+    mmap = md.KroneckerMap({n: p.shape for n, p in model.named_parameters()})
+    return Family(mlp_loss(model), mmap, mmap.init(cfg.init_scale, seed=cfg.data_seed),
+                  tuple(d for d in domains if d != cfg.holdout), model, domains)
 
-        results = ctx.map(one, items)
-        grads = {n: torch.stack([r[0][n].to(outer[n]) for r in results]).mean(0) for n in outer}
-        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
-        diverged = not torch.isfinite(torch.tensor(norm))
-        if diverged:  # the inner loop overflowed (η/M past the stability edge): skip this meta-step's signal
-            grads = {n: torch.zeros_like(g) for n, g in grads.items()}
-        elif self.cfg.clip and norm > self.cfg.clip:
-            grads = {n: g * (self.cfg.clip / norm) for n, g in grads.items()}
-        metrics = {key: sum(r[1][key] for r in results) / len(results) for key in results[0][1]}
-        metrics["metagrad_norm"], metrics["diverged"] = norm, float(diverged)
-        metrics["min_eigenvalue"] = float(self.mmap.min_eigenvalue(outer))
-        metrics["distance_to_identity_sq"] = float(self.mmap.distance_to_identity_sq(outer))
-        return StepOutput(grads=grads, metrics=metrics)
 
-    def evaluate(self, outer, ctx: RunContext) -> dict[str, float]:
-        """Quadratic: median iterations to ‖∇‖ < threshold on held-out tasks (MD and GD at the same η).
-        Digits: held-out-rotation test accuracy after ``inner_steps`` of MD and of GD at the same η."""
-        cfg = self.cfg
-        if cfg.family == "quadratic":
-            q, b = sample_quadratics(cfg, cfg.eval_tasks, seed=10_000_019 + cfg.data_seed)
-            m_inv = torch.exp(-outer["x:s"].double())
-            out = {}
-            for name, pre in (("metamd", m_inv), ("gd_same_lr", torch.ones(2, dtype=torch.float64))):
-                iters = iterations_to_threshold(q, b, lambda th, g, s, t, p=pre: (th - cfg.inner_lr * p * g, s),
-                                                cfg.threshold, cfg.max_iters)
-                out[f"{name}_median_iterations"] = float(iters.double().median())
-            return out
-        x, y, xt, yt = self.domains[cfg.holdout]
-        theta1 = init_params(self.model, 7_777 + ctx.seed)
+def instance(cfg: Config, fam: Family, seed: int, step: int, item: str) -> tuple[dict, Any]:
+    """(θ_1, data) of one inner problem of outer step ``step``: the step's meta-batch of quadratics
+    (θ_1 = 0), or a fresh MLP init on training rotation ``item``. A function of (seed, step, item) only."""
+    if cfg.family == "quadratic":
+        q, b = sample_quadratics(cfg, cfg.tasks_per_step, seed * 100_003 + step)
+        return {"x": torch.zeros_like(b)}, (q, b)
+    x, y = fam.domains[item][:2]
+    return init_params(fam.model, seed * 100_003 + step * 101 + fam.items.index(item)), (x, y)
+
+
+def map_metrics(mmap, outer: dict) -> dict[str, float]:
+    """λ_min(M) and ‖M − I‖²_F at φ (logged every outer step)."""
+    return {"min_eigenvalue": float(mmap.min_eigenvalue(outer)),
+            "distance_to_identity_sq": float(mmap.distance_to_identity_sq(outer))}
+
+
+def closed_form_metagrad(cfg: Config, fam: Family, outer: dict, theta1: dict, data: Any) -> tuple[dict, dict]:
+    """dE/dφ of one inner problem by ``cfg.metagrad`` ∈ {fmd, envelope, eq528}; returns (gradient, metrics).
+
+    ``fmd``: :func:`quadratic_fmd`. ``envelope`` / ``eq528``: T steps of MD, then the Bregman part by
+    :func:`~problems.mirror_descent.metagrad_implicit` / ``metagrad_thesis_eq528`` plus the exact gradient
+    of k/λ + γ‖M − I‖²; for stacked quadratics the Bregman sum is divided by n (eq. 5.7's mean)."""
+    if cfg.metagrad == "fmd":
+        g, value = quadratic_fmd(cfg, outer["x:s"], *data)
+        return {"x:s": g.to(outer["x:s"])}, {"outer_loss": value}
+    mmap = fam.mmap
+    theta_t, losses = md.md_run(fam.loss, mmap, outer, theta1, data, cfg.inner_steps, cfg.inner_lr)
+    scale = 1.0 / cfg.tasks_per_step if cfg.family == "quadratic" else 1.0
+    fn = md.metagrad_implicit if cfg.metagrad == "envelope" else md.metagrad_thesis_eq528
+    g_breg = fn(mmap, outer, theta_t, theta1)
+    g_rest = torch.func.grad(lambda p: md.meta_objective(mmap, p, theta_t, theta1, cfg.k, cfg.reg)
+                             - md.bregman(mmap, p, theta_t, theta1))(outer)
+    value = scale * md.bregman(mmap, outer, theta_t, theta1)
+    grads = {n: scale * g_breg[n] + g_rest[n] for n in outer}
+    return grads, {"outer_loss": float(value), "inner_loss": float(losses[-1])}
+
+
+def evaluate_map(cfg: Config, fam: Family, outer: dict, seed: int) -> dict[str, float]:
+    """Quadratic: median iterations to ‖∇‖ < threshold on held-out tasks (MD and GD at the same η).
+    Digits: held-out-rotation test accuracy after ``inner_steps`` of MD and of GD at the same η."""
+    if cfg.family == "quadratic":
+        q, b = sample_quadratics(cfg, cfg.eval_tasks, seed=10_000_019 + cfg.data_seed)
+        m_inv = torch.exp(-outer["x:s"].double())
         out = {}
-        for name, phi in (("metamd", outer), ("gd_same_lr", self.mmap.init(0.0))):
-            theta, losses = md.md_run(self.loss, self.mmap, phi, theta1, (x, y), cfg.inner_steps, cfg.inner_lr)
-            acc = (functional_call(self.model, theta, (xt,)).argmax(-1) == yt).double().mean()
-            out[f"{name}_test_accuracy"], out[f"{name}_final_train_loss"] = float(acc), float(losses[-1])
+        for name, pre in (("metamd", m_inv), ("gd_same_lr", torch.ones(2, dtype=torch.float64))):
+            iters = iterations_to_threshold(q, b, lambda th, g, s, t, p=pre: (th - cfg.inner_lr * p * g, s),
+                                            cfg.threshold, cfg.max_iters)
+            out[f"{name}_median_iterations"] = float(iters.double().median())
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        # Every random draw is a function of (ctx.seed, step): nothing else to restore.
-        return {"family": self.cfg.family}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("family") != self.cfg.family:
-            raise ValueError(f"metamd: checkpoint is for family {state.get('family')!r}, config says {self.cfg.family!r}")
-
-    def check_instance(self) -> Optional[dict[str, Any]]:
-        item = None if self.cfg.family == "quadratic" else self.train_domains[0]
-        theta1, data = self._instance(0, item, 0)
-        u0 = {n: torch.zeros_like(v) for n, v in theta1.items()}
-        return dict(problem=self.problem, inner=u0, outer=self.outer, inner_batch=(theta1, data),
-                    outer_batch=(theta1, data), loop=self.loop)
+    x, y, xt, yt = fam.domains[cfg.holdout]
+    theta1 = init_params(fam.model, 7_777 + seed)
+    out = {}
+    for name, phi in (("metamd", outer), ("gd_same_lr", fam.mmap.init(0.0))):
+        theta, losses = md.md_run(fam.loss, fam.mmap, phi, theta1, (x, y), cfg.inner_steps, cfg.inner_lr)
+        acc = (functional_call(fam.model, theta, (xt,)).argmax(-1) == yt).double().mean()
+        out[f"{name}_test_accuracy"], out[f"{name}_final_train_loss"] = float(acc), float(losses[-1])
+    return out
 
 
-def build(cfg: Config, ctx: RunContext) -> MetaMDTask:
-    return MetaMDTask(cfg, ctx)
+SOLVER_NOTE = ("MetaMD retrains a fresh θ_1 every outer step, so the online kind (onestep) does not apply; the "
+               "implicit solvers give the converged meta-gradient and apply only to the strongly convex quadratic "
+               "family (the MLP's u-Hessian is singular or indefinite and its T-step loop is far from converged)")
+
+
+def build(cfg: Config, ctx: RunContext) -> Union[bilevel.Nested, bilevel.SingleLevel]:
+    """``metagrad="solver"``: MetaMD as a nested problem; otherwise a closed-form meta-gradient (see above)."""
+    fam = family_of(cfg)
+
+    def draw(info: bilevel.StepInfo, item: str) -> tuple[dict, Any]:
+        theta1, data = instance(cfg, fam, info.seed, info.step, item)
+        return ({n: v.to(ctx.device) for n, v in theta1.items()},
+                tuple(t.to(ctx.device) for t in data))
+
+    def evaluate(outer: dict, inners: dict) -> dict[str, float]:
+        return evaluate_map(cfg, fam, outer, ctx.seed)
+
+    if cfg.metagrad != "solver":
+        def gradient(outer: dict, info: bilevel.StepInfo) -> tuple[dict, dict]:
+            """The mean over the step's items (every process computes all of them: a few, and cheap)."""
+            results = [closed_form_metagrad(cfg, fam, outer, *draw(info, item)) for item in fam.items]
+            grads = {n: torch.stack([r[0][n].to(outer[n]) for r in results]).mean(0) for n in outer}
+            metrics = {key: sum(r[1][key] for r in results) / len(results) for key in results[0][1]}
+            return grads, {**metrics, **map_metrics(fam.mmap, outer)}
+
+        return bilevel.SingleLevel(params=fam.outer, gradient=gradient, optimizer="adam", lr=cfg.outer_lr,
+                                   evaluate=evaluate, clip_norm=cfg.clip, skip_nonfinite=True,
+                                   kind=f"MetaMD with the closed-form meta-gradient {cfg.metagrad!r}")
+
+    n_tasks = cfg.tasks_per_step if cfg.family == "quadratic" else 1
+
+    def subproblems(info: bilevel.StepInfo) -> list[bilevel.SubProblem]:
+        subs = []
+        for item in fam.items:
+            theta1, data = draw(info, item)
+            u0 = {n: torch.zeros_like(v) for n, v in theta1.items()}
+            subs.append(bilevel.SubProblem(inner=u0, inner_batch=(theta1, data), outer_batch=(theta1, data),
+                                           key=item))
+        return subs
+
+    return bilevel.Nested(
+        problem=md.displacement_problem(fam.loss, fam.mmap, cfg.k, cfg.reg, n_tasks=n_tasks),
+        outer=fam.outer,
+        loop=bilevel.InnerLoop(steps=cfg.inner_steps, lr=cfg.inner_lr, optimizer="sgd"),
+        subproblems=subproblems, default_solver=DEFAULT_SOLVER, optimizer="adam", lr=cfg.outer_lr,
+        combine="mean",
+        solvers=("unrolled", "implicit", "zeroth_order") if cfg.family == "quadratic" else ("unrolled", "zeroth_order"),
+        solver_note=SOLVER_NOTE, evaluate=evaluate, metrics=lambda sub, result, outer: map_metrics(fam.mmap, outer),
+        clip_norm=cfg.clip, skip_nonfinite=True)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from problems.data.noise import noisy_labels
+from .data.noise import noisy_labels
 
 DATASETS = ("digits", "digits_rot90", "digits_inverted", "digits_transposed", "mnist8", "mnist8_inverted")
 ARCHITECTURES = ("linear", "mlp2", "mlp3", "cnn", "mlp_wide", "cnn_b")
@@ -42,8 +42,8 @@ def _images(name: str) -> tuple[Tensor, Tensor]:
         x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]
         y = torch.from_numpy(bunch.target).long()
     elif name.startswith("mnist8"):
-        from problems.data.images import resize
-        from problems.data.mnist import mnist_5k
+        from .data.images import resize
+        from .data.mnist import mnist_5k
 
         images, y = mnist_5k()
         x = resize(images.float()[:, None] / 255.0, 8).clamp(0, 1)

@@ -8,17 +8,16 @@
 
 Synthetic data from a sparse ground truth, so learned penalties should grow on the irrelevant features.
 Runs in seconds; every solver applies. This file is also the template for a problem: a frozen
-``Config``, a ``SMOKE`` config, ``DEFAULT_SOLVER`` and ``build(cfg, ctx) -> Task``.
+``Config``, a ``SMOKE`` config, ``DEFAULT_SOLVER`` and ``build(cfg, ctx) -> bilevel.Nested``, a plain
+record of what the problem is; the outer loop builds the solver, keeps the warm starts and steps φ.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
-
 import torch
 
 import bilevel
-from bilevel import RunContext, StepOutput
+from bilevel import RunContext
 
 
 @dataclass(frozen=True)
@@ -72,52 +71,31 @@ def closed_form_hypergrad(outer: dict, train, val) -> torch.Tensor:
     return -lam * w * v
 
 
-class RidgeTask:
-    """Outer loop state: warm-started inner weights and the solver's state."""
+def build(cfg: Config, ctx: RunContext) -> bilevel.Nested:
+    """One sub-problem per outer step, warm-started: the inner weights continue from the previous step."""
+    data = {k: tuple(t.to(ctx.device) for t in v) for k, v in make_data(cfg).items()}
+    train, val, test = data["train"], data["val"], data["test"]
 
-    optimizer = "adam"
+    def subproblems(info: bilevel.StepInfo) -> list[bilevel.SubProblem]:
+        return [bilevel.SubProblem(inner={"w": torch.zeros(cfg.features, device=ctx.device)}, inner_batch=train,
+                                   outer_batch=val)]
 
-    def __init__(self, cfg: Config, ctx: RunContext):
-        self.cfg = cfg
-        self.lr = cfg.outer_lr
-        data = make_data(cfg)
-        self.train, self.val, self.test = ([t.to(ctx.device) for t in data[k]] for k in ("train", "val", "test"))
-        self.problem = bilevel.BilevelProblem(inner_loss, outer_loss)
-        self.outer = {"log_penalty": torch.full((cfg.features,), cfg.init_log_penalty, device=ctx.device)}
-        self.loop = bilevel.InnerLoop(steps=cfg.inner_steps, lr=cfg.inner_lr, optimizer="sgd")
-        self.inner = {"w": torch.zeros(cfg.features, device=ctx.device)}
-        self.solver_state: Any = None
-
-    def step(self, outer, ctx: RunContext, step: int) -> StepOutput:
-        with ctx.autocast():  # --mixed-precision: the inner loop's forward passes; the IFT part stays float32
-            result = bilevel.hypergrad(self.problem, self.inner, outer, inner_batch=self.train,
-                                       outer_batch=self.val, solver=ctx.solver, loop=self.loop,
-                                       state=self.solver_state, validate=step == 0)
-        self.inner, self.solver_state = result.inner, result.state
-        exact = closed_form_hypergrad(outer, self.train, self.val)
+    def metrics(sub, result, outer) -> dict[str, float]:
+        """The hypergradient's relative error against the closed form at this step's φ."""
+        exact = closed_form_hypergrad(outer, train, val)
         g = result.hypergrad["log_penalty"].double()
-        metrics = dict(result.diagnostics)
-        metrics["rel_error_vs_closed_form"] = float((g - exact).norm() / exact.norm().clamp_min(1e-30))
-        return StepOutput(grads=result.hypergrad, metrics=metrics)
+        return {"rel_error_vs_closed_form": float((g - exact).norm() / exact.norm().clamp_min(1e-30))}
 
-    def evaluate(self, outer, ctx: RunContext) -> dict[str, float]:
-        w = self.inner["w"]
-        relevant = outer["log_penalty"][: self.cfg.relevant].mean()
-        irrelevant = outer["log_penalty"][self.cfg.relevant:].mean()
-        return {"val_loss": float(outer_loss({"w": w}, outer, self.val)),
-                "test_loss": float(outer_loss({"w": w}, outer, self.test)),
-                "mean_log_penalty_relevant": float(relevant), "mean_log_penalty_irrelevant": float(irrelevant)}
+    def evaluate(outer, inners) -> dict[str, float]:
+        w = inners["0"]["w"]
+        return {"val_loss": float(outer_loss({"w": w}, outer, val)),
+                "test_loss": float(outer_loss({"w": w}, outer, test)),
+                "mean_log_penalty_relevant": float(outer["log_penalty"][: cfg.relevant].mean()),
+                "mean_log_penalty_irrelevant": float(outer["log_penalty"][cfg.relevant:].mean())}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.inner, "solver_state": self.solver_state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner, self.solver_state = state["inner"], state["solver_state"]
-
-    def check_instance(self) -> Optional[dict[str, Any]]:
-        return dict(problem=self.problem, inner={"w": torch.zeros_like(self.inner["w"])}, outer=self.outer,
-                    inner_batch=self.train, outer_batch=self.val, loop=self.loop)
-
-
-def build(cfg: Config, ctx: RunContext) -> RidgeTask:
-    return RidgeTask(cfg, ctx)
+    return bilevel.Nested(
+        problem=bilevel.BilevelProblem(inner_loss, outer_loss),
+        outer={"log_penalty": torch.full((cfg.features,), cfg.init_log_penalty, device=ctx.device)},
+        loop=bilevel.InnerLoop(steps=cfg.inner_steps, lr=cfg.inner_lr, optimizer="sgd"),
+        subproblems=subproblems, default_solver=DEFAULT_SOLVER, optimizer="adam", lr=cfg.outer_lr,
+        warm_start=True, metrics=metrics, evaluate=evaluate)

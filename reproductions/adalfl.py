@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import grad
 
 import bilevel
 from bilevel import tree
-from problems import adalfl
+from bilevel.problems import adalfl
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "adalfl"
 PAPER = {  # Table 1 (baseline, ML³, AdaLFL), Table 3 (Meta-LR), Table 6 (train meta-objective)
@@ -44,38 +43,34 @@ METHODS = {  # name -> config overrides
 
 
 def run_baseline(cfg: adalfl.Config, steps: int) -> tuple[float, float]:
-    """Plain SGD on the task loss from the same θ₀ and batches (no meta machinery, for the time ratio)."""
-    task = adalfl.build(replace(cfg, representation="meta_lr", online=False, init_steps=0), CTX)
-    theta = task.theta
+    """Plain SGD on the task loss from the same θ₀ and batches (single-level: no meta-gradient, for the
+    time ratio)."""
+    declaration = adalfl.build_baseline(cfg, CTX)
     t0 = time.perf_counter()
-    for step in range(steps):
-        theta = tree.axpy(-task.base_lr, grad(task.task_loss)(theta, task.batches(step, 0)), theta)
+    _, _, loop = bilevel.run_locally(declaration, steps)
     elapsed = time.perf_counter() - t0
-    task.theta = theta
-    return next(iter(task.evaluate(task.outer, CTX).values())), elapsed
+    return next(iter(loop.evaluate().values())), elapsed
 
 
 def run_method(cfg: adalfl.Config, steps: int, snapshots: tuple[int, ...] = (), phi_init=None):
     """Offline init (unless ``phi_init``), then ``steps`` online steps; NaN if the base model diverges."""
     t0 = time.perf_counter()
-    task = adalfl.build(cfg, CTX, phi_init)
+    declaration = adalfl.build(cfg, CTX, phi_init)   # runs the offline init through bilevel.run_locally
     t_init = time.perf_counter() - t0
-    outer = {k: v.clone().requires_grad_(True) for k, v in task.outer.items()}
-    opt = bilevel.make_outer_optimizer(task.optimizer, list(outer.values()), task.lr)
-    saved = {0: tree.clone(tree.detach(outer))}  # clone: Adam updates outer in place
-    t1 = time.perf_counter()
-    for step in range(steps):
-        try:
-            out = task.step(tree.detach(outer), CTX, step)
-        except bilevel.NonFiniteError:
-            return float("nan"), t_init, time.perf_counter() - t1, saved, task.outer
-        for k, p in outer.items():
-            p.grad = out.grads[k]
-        opt.step()
+    loop = bilevel.OuterLoop(declaration, None, CTX)  # run_locally's loop, driven here to snapshot φ
+    saved = {0: tree.clone(tree.detach(loop.outer))}  # clone: Adam updates the outer params in place
+
+    def snapshot(step: int, metrics: dict) -> None:
         if step + 1 in snapshots:
-            saved[step + 1] = tree.clone(tree.detach(outer))
+            saved[step + 1] = tree.clone(tree.detach(loop.outer))
+
+    t1 = time.perf_counter()
+    try:
+        loop.run(steps, on_step=snapshot)
+    except bilevel.NonFiniteError:
+        return float("nan"), t_init, time.perf_counter() - t1, saved, declaration.outer
     t_online = time.perf_counter() - t1
-    return next(iter(task.evaluate(outer, CTX).values())), t_init, t_online, saved, task.outer
+    return next(iter(loop.evaluate().values())), t_init, t_online, saved, declaration.outer
 
 
 def main() -> None:
@@ -175,7 +170,7 @@ def plot(snaps, filename: str) -> None:
     fig.savefig(OUT / filename, dpi=110)
 
 
-CTX = bilevel.local_context(adalfl.DEFAULT_SOLVER)
+CTX = bilevel.local_context()
 
 if __name__ == "__main__":
     main()

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 import bilevel
-from problems import arl
-from problems.losses import robust
-from problems.losses.taylor import (TaylorLoss, TaylorSpec, descent_raises_true_class, initial_theta,
-                                   published_theta)
-from problems.noisy_training import average_ranks, load_split, train
+from bilevel.problems import arl
+from bilevel.problems.losses import robust
+from bilevel.problems.losses.taylor import (TaylorLoss, descent_raises_true_class, initial_theta,
+                                            published_theta)
+from bilevel.problems.noisy_training import average_ranks, load_split, train
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "arl"
 CONDITIONS = {"S80": ("symmetric", 0.8), "A40": ("pairflip", 0.4)}
@@ -48,12 +48,11 @@ PAPER_GAP = {  # Table 3.6: best-checkpoint minus final accuracy (%)
 
 
 def meta_train(condition: str, noise_key: str, cfg: arl.Config, generations: int, solver: str):
+    """``generations`` CMA-ES generations of the ``arl`` problem through the library's outer loop."""
     noise, rate = CONDITIONS[noise_key]
     cfg = arl.with_condition(cfg, condition, noise, rate)
-    ctx = bilevel.local_context(solver)
-    task = arl.build(cfg, ctx)
-    outer, history = bilevel.run_locally(task, ctx, generations)
-    return outer["theta"], history, task
+    outer, history, _ = bilevel.run_locally(arl.build(cfg, bilevel.local_context()), generations, solver)
+    return outer["theta"], history
 
 
 def evaluate_cells(losses: dict, cells: list, noise_key: str, steps: int, seed: int = 0, rate=None):
@@ -87,32 +86,33 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.quick:
-        base = replace(arl.Config(), architectures=("linear", "mlp2", "mlp3"), inner_steps=150, popsize=6)
-        generations, eval_steps, solver = 4, 400, "cmaes:popsize=6,sigma=0.5,seed=1"
+        base = replace(arl.Config(), architectures=("linear", "mlp2", "mlp3"), inner_steps=150)
+        generations, eval_steps, popsize = 4, 400, 6
         cells = [(a, d) for a in ("mlp_wide", "cnn_b") for d in ("mnist8", "mnist8_inverted", "digits_transposed")]
     else:
-        base = replace(arl.Config(), inner_steps=600, popsize=8)
-        generations, eval_steps, solver = 12, 1500, "cmaes:popsize=8,sigma=0.5,seed=1"
+        base = replace(arl.Config(), inner_steps=600)
+        generations, eval_steps, popsize = 12, 1500, 8
         cells = [(a, d) for a in ("mlp_wide", "cnn_b") for d in ("mnist8", "mnist8_inverted", "digits_transposed")]
     generations = args.generations or generations
+    solver = f"cmaes:popsize={popsize},sigma=0.5,seed=1"  # the search's σ₀ and popsize are solver options
     runs = [tuple(r.split(":")) for r in args.runs]
     noise_keys = [k for k in CONDITIONS if any(n == k for _, n in runs)]
     learned, curves, lines = {}, {}, []
     for condition, noise_key in runs:
-        theta, history, task = meta_train(condition, noise_key, base, generations, solver)
+        theta, history = meta_train(condition, noise_key, base, generations, solver)
         key = f"arl_{condition}_{noise_key.lower()}"
-        learned[key] = TaylorLoss(theta, task.spec)
+        learned[key] = arl.learned_loss(base, {"theta": theta})
         learned[key].save(OUT / (f"{key}.pt" if args.tag == "results" else f"{args.tag}_{key}.pt"))
         curves[key] = [(h["clean_val_acc_mean"], h["clean_val_acc_best_candidate"]) for h in history]
-        sane = descent_raises_true_class(theta, task.spec)
+        sane = descent_raises_true_class(theta, arl.taylor_spec(base))
         lines.append(f"- `{key}`: θ = {[round(float(t), 3) for t in theta]}; final mean clean meta-val acc "
                      f"{100 * curves[key][-1][0]:.1f} % (generation 1: {100 * curves[key][0][0]:.1f} %); "
                      f"descent raises the true class: {sane}")
         print(lines[-1], f"[{time.perf_counter() - start:.0f}s]", flush=True)
     plot_curves(curves, "meta_training.png" if args.tag == "results" else f"{args.tag}_meta_training.png")
     tables, gaps, json_out = [], [], {}
-    a40 = TaylorLoss(published_theta("arl_ar_a40"), TaylorSpec("arl", 4, normalise=base.eta))
-    spec = TaylorSpec("arl", 4, normalise=base.eta)
+    spec = arl.taylor_spec(base)
+    a40 = TaylorLoss(published_theta("arl_ar_a40"), spec)
     start_loss = TaylorLoss(initial_theta(spec, base.init), spec)
     for noise_key in noise_keys:
         losses = {name: robust.LOSSES[name] for name in robust.LOSSES}
@@ -146,7 +146,7 @@ def main() -> None:
     text = [f"# ARL at CPU scale ({mode} mode)", "",
             f"Command: `{' '.join(['python reproductions/arl.py', *sys.argv[1:]])}`; total "
             f"{time.perf_counter() - start:.0f} s on one shared core. Meta-training: {generations} CMA-ES generations, "
-            f"popsize {base.popsize}, σ₀ = 0.5, {base.inner_steps} inner steps (batch {base.batch}, SGD 0.01 "
+            f"popsize {popsize}, σ₀ = 0.5, {base.inner_steps} inner steps (batch {base.batch}, SGD 0.01 "
             f"momentum 0.9), AR pool {base.architectures} on digits, DR pool {base.dr_architecture} on "
             f"{base.dr_datasets}, η = {base.eta}. Held-out cells: {eval_steps} SGD steps each, one seed.", "",
             "## Learned losses", "", *lines, "",

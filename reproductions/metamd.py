@@ -7,13 +7,16 @@ Fig. 5.3) experiments at CPU scale.
    for Fig. 5.1, a stiffer family B (κ ≈ 2500) for Fig. 5.2.
 2. Rotated digits (sklearn 8×8, the offline stand-in for Rotated MNIST; ``--full`` uses Rotated MNIST from
    5,000 real MNIST images): leave-one-rotation-out, Kronecker M meta-trained with ``unroll`` through the
-   library (``bilevel.run_locally`` on the ``metamd`` task), then a fresh 3-layer MLP on the held-out
+   library (``bilevel.run_locally`` on the ``metamd`` declaration), then a fresh 3-layer MLP on the held-out
    rotation trained with the drop-in ``MirrorDescent`` vs grid-tuned SGD, SGD-M, Adam (App. C.3 grids,
    tuned on a validation split of the held-out rotation's training data); test accuracy mean ± std over
    meta-test seeds, and training-loss curves.
 
     python reproductions/metamd.py --quick     # about 10 minutes on one core
     python reproductions/metamd.py             # Rotated MNIST, all six held-out rotations, longer runs
+
+Meta-training goes through the one outer loop (``bilevel.run_locally``); the loops below train or count
+iterations *with* a learned map (meta-test evaluation), not outer loops.
 """
 from __future__ import annotations
 
@@ -28,10 +31,10 @@ from pathlib import Path
 import torch
 
 import bilevel
-from problems import metamd
-from problems import mirror_descent as md
+from bilevel.problems import metamd
+from bilevel.problems import mirror_descent as md
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "metamd"
+OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "metamd"  # the default of --out
 PAPER_QUAD = {"A": {"metamd": 23, "sgd": 928, "sgd_m": 104, "adam": 45},
               "B": {"metamd": 280, "sgd": 27328, "sgd_m": 1838, "adam": 324}}
 PAPER_T51 = {"sgd": [92.23, 91.91, 92.57, 92.89, 92.73, 92.36], "sgd_m": [94.77, 94.64, 94.66, 94.67, 94.60, 94.47],
@@ -83,10 +86,9 @@ def quad_curve(q, b, update, steps: int) -> list[float]:
 
 def quadratic_family(cfg: metamd.Config, meta_steps: int, seed: int, log) -> dict:
     cfg = dataclasses.replace(cfg, metagrad="fmd", data_seed=seed)
-    ctx = bilevel.local_context("forward", seed=seed)
-    task = metamd.build(cfg, ctx)
+    declaration = metamd.build(cfg, bilevel.local_context(seed=seed))
     t0 = time.perf_counter()
-    outer, history = bilevel.run_locally(task, ctx, meta_steps)
+    outer, history, _ = bilevel.run_locally(declaration, meta_steps, seed=seed)
     m_inv = torch.exp(-outer["x:s"].double())
     log(f"    seed {seed}: {meta_steps} meta-steps in {time.perf_counter() - t0:.1f}s, diag(M) = "
         f"{[round(float(v), 4) for v in 1 / m_inv]}, E {history[0]['outer_loss']:.4g} -> {history[-1]['outer_loss']:.4g}")
@@ -127,13 +129,13 @@ def make_optimizer(name, model, hp, mmap, phi):
                            weight_decay=hp["wd"])
 
 
-def run_one(task, name, hp, phi, seed, x, y, xt, yt, steps):
-    model = metamd.make_mlp(task.cfg, x[0].numel())
+def run_one(cfg, mmap, name, hp, phi, seed, x, y, xt, yt, steps):
+    model = metamd.make_mlp(cfg, x[0].numel())
     init = metamd.init_params(model, seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(init[n])
-    losses = train_curve(model, make_optimizer(name, model, hp, task.mmap, phi), x, y, steps)
+    losses = train_curve(model, make_optimizer(name, model, hp, mmap, phi), x, y, steps)
     with torch.no_grad():
         acc = float((model(xt).argmax(-1) == yt).double().mean())
     return acc if all(map(lambda v: v == v, losses)) else 0.0, losses
@@ -141,14 +143,13 @@ def run_one(task, name, hp, phi, seed, x, y, xt, yt, steps):
 
 def digits_holdout(cfg, holdout, meta_steps, seeds, test_steps, log, wds=(1e-3, 5e-4, 1e-4)) -> dict:
     cfg = dataclasses.replace(cfg, holdout=holdout)
-    ctx = bilevel.local_context("unroll", seed=0)
-    task = metamd.build(cfg, ctx)
+    family = metamd.family_of(cfg)  # the data and the mirror map, for meta-testing
     t0 = time.perf_counter()
-    phi, history = bilevel.run_locally(task, ctx, meta_steps)
+    phi, history, _ = bilevel.run_locally(metamd.build(cfg, bilevel.local_context(seed=0)), meta_steps, "unroll")
     log(f"    holdout {holdout}: {meta_steps} meta-steps in {time.perf_counter() - t0:.1f}s, E "
         f"{history[0]['outer_loss']:.4g} -> {history[-1]['outer_loss']:.4g}, ‖M−I‖² "
         f"{history[-1]['distance_to_identity_sq']:.3g}")
-    x, y, xt, yt = task.domains[holdout]
+    x, y, xt, yt = family.domains[holdout]
     n_val = len(y) // 4  # tuning split carved from the held-out rotation's training data
     # App. C.3 grids. For SGD and MetaMD 0.5 and 0.2 are added (M ⪰ I can only shrink MetaMD's steps, and
     # both chose the top of the grid) and the two smallest dropped (never chosen) to fit the quick budget;
@@ -161,13 +162,13 @@ def digits_holdout(cfg, holdout, meta_steps, seeds, test_steps, log, wds=(1e-3, 
         best, best_acc = None, -1.0
         for lr in grids[name]:
             for wd in wds:
-                acc, _ = run_one(task, name, {"lr": lr, "wd": wd}, phi, 10_007, x[n_val:], y[n_val:], x[:n_val],
-                                 y[:n_val], test_steps)
+                acc, _ = run_one(cfg, family.mmap, name, {"lr": lr, "wd": wd}, phi, 10_007, x[n_val:], y[n_val:],
+                                 x[:n_val], y[:n_val], test_steps)
                 if acc > best_acc:
                     best, best_acc = {"lr": lr, "wd": wd}, acc
         accs, curves = [], []
         for seed in seeds:
-            acc, losses = run_one(task, name, best, phi, seed, x, y, xt, yt, test_steps)
+            acc, losses = run_one(cfg, family.mmap, name, best, phi, seed, x, y, xt, yt, test_steps)
             accs.append(100 * acc)
             curves.append(losses)
         acc_t = torch.tensor(accs)
@@ -183,7 +184,8 @@ def write_report(quad: dict, digits: dict, args, elapsed: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     lines = ["# MetaMD reproduction (CPU scale)", "",
              f"Command: `python reproductions/metamd.py {args.command}` ({elapsed / 60:.1f} min, "
              "one thread). Settings in the script and in docs/metamd.md.", "",
@@ -218,11 +220,11 @@ def write_report(quad: dict, digits: dict, args, elapsed: float) -> None:
         mean = {n: sum(r[n]["acc_mean"] for r in digits.values()) / len(digits) for n in OPTS}
         lines += ["", "Average over held-out rotations: " + ", ".join(f"{n} {v:.2f}" for n, v in mean.items()),
                   f"MetaMD − SGD-M: {mean['metamd'] - mean['sgd_m']:+.2f} points (thesis: +0.4 to +1.0).", ""]
-    (OUT / f"results{args.tag}.md").write_text("\n".join(lines) + "\n")
+    (out / f"results{args.tag}.md").write_text("\n".join(lines) + "\n")
     slim = {"quadratic": {f: [{k: (v if k == "diag_M" else {kk: vv for kk, vv in v.items() if kk != "curve"})
                                for k, v in r.items()} for r in runs] for f, runs in quad.items()},
             "digits": {a: {n: {k: v for k, v in r[n].items() if k != "curve"} for n in OPTS} for a, r in digits.items()}}
-    (OUT / f"results{args.tag}.json").write_text(json.dumps(slim, indent=1))
+    (out / f"results{args.tag}.json").write_text(json.dumps(slim, indent=1))
     if quad:
         fig, axes = plt.subplots(1, len(quad), figsize=(5 * len(quad), 3.6), squeeze=False)
     for ax, (fam, runs) in zip(axes[0] if quad else [], quad.items()):
@@ -233,7 +235,7 @@ def write_report(quad: dict, digits: dict, args, elapsed: float) -> None:
         ax.legend()
     if quad:
         fig.tight_layout()
-        fig.savefig(OUT / f"quadratic_convergence{args.tag}.png", dpi=110)
+        fig.savefig(out / f"quadratic_convergence{args.tag}.png", dpi=110)
     if digits:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for name in OPTS:
@@ -241,7 +243,7 @@ def write_report(quad: dict, digits: dict, args, elapsed: float) -> None:
         ax.set(title="training loss on held-out rotations (mean)", xlabel="step", ylabel="train loss", yscale="log")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(OUT / f"digits_training_loss{args.tag}.png", dpi=110)
+        fig.savefig(out / f"digits_training_loss{args.tag}.png", dpi=110)
 
 
 def main() -> None:
@@ -251,6 +253,7 @@ def main() -> None:
     parser.add_argument("--skip-quadratic", action="store_true")
     parser.add_argument("--holdouts", default="", help="comma-separated held-out rotations (default: the mode's)")
     parser.add_argument("--tag", default="", help="suffix of the output files (results<tag>.md ...)")
+    parser.add_argument("--out", default=str(OUT), help="output folder (default: docs/results/metamd)")
     args = parser.parse_args()
     import sys
     args.command = " ".join(sys.argv[1:])
@@ -281,7 +284,7 @@ def main() -> None:
         for h in holdouts:
             digits[h] = digits_holdout(cfg, h, meta_steps, args.seeds, test_steps, log, wds)
     write_report(quad, digits, args, time.perf_counter() - t0)
-    log((OUT / f"results{args.tag}.md").read_text())
+    log((Path(args.out) / f"results{args.tag}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ DomainNet). Here the Rotated MNIST protocol runs on scikit-learn's 1,797 real 8�
 ``--steps`` Adam steps, DomainBed random search (trial 0 = defaults, trials ≥ 1 = random draws), each domain
 split 80/20 in/out. DomainBed's anneal steps (500-5000 at 5,000 total steps) are scaled by steps / 5000.
 Selection: training-domain validation, leave-one-domain-out (one extra run per held-out source), oracle.
+Each run is ``build_task``'s ``SingleLevel`` record driven by ``bilevel.OuterLoop`` (evaluated from ``on_step``).
 
     python reproductions/rotated_digits_dg.py --quick    # test domain 75°, 2 trials, 300 steps (≈10 min)
 """
@@ -24,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import bilevel  # noqa: E402
-from problems.domain_generalization.harness import DGConfig, build_task, resolve  # noqa: E402
-from problems.domain_generalization.selection import PROTOCOLS, select  # noqa: E402
+from bilevel.problems.domain_generalization.harness import DGConfig, build_task, resolve  # noqa: E402
+from bilevel.problems.domain_generalization.selection import PROTOCOLS, select  # noqa: E402
 
 ALGORITHMS = ["erm", "irm", "vrex", "coral", "fishr", "hgp", "hutchinson"]
 DOMAINS = ["0", "15", "30", "45", "60", "75"]
@@ -34,21 +35,19 @@ HEADERS = {"training_domain": "training-domain val.", "leave_one_domain_out": "l
 
 
 def train(alg, trial, test_domains, steps, every, cache_dir):
+    """One run (seed 1) of the one outer loop; ``[(step, evaluation)]`` every ``every`` steps."""
     cfg = resolve(DGConfig(algorithm=alg, dataset="rotated_digits", test_domains=tuple(test_domains), hidden=64,
                            holdout=0.2, hparam_trial=trial, cache_dir=cache_dir, probes=100))
     cfg = dataclasses.replace(cfg, anneal_step=int(cfg.anneal_step * steps / 5000))
-    ctx = bilevel.local_context("cg", seed=1)
-    task = build_task(cfg, ctx)
-    params = {k: v.clone().requires_grad_(True) for k, v in task.outer.items()}
-    opt = bilevel.make_outer_optimizer(task.optimizer, list(params.values()), task.lr)
+    ctx = bilevel.local_context(seed=1)
+    loop = bilevel.OuterLoop(build_task(cfg, ctx), None, ctx, name=f"problem {alg!r}")
     evals = []
-    for step in range(steps):
-        out = task.step({k: v.detach() for k, v in params.items()}, ctx, step)
-        for k, p in params.items():
-            p.grad = out.grads[k]
-        opt.step()
+
+    def on_step(step: int, metrics: dict) -> None:
         if (step + 1) % every == 0:
-            evals.append((step + 1, task.evaluate({k: v.detach() for k, v in params.items()}, ctx)))
+            evals.append((step + 1, loop.evaluate()))
+
+    loop.run(steps, on_step=on_step)
     return evals
 
 

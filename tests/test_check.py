@@ -27,15 +27,15 @@ def test_check_flags_a_wrong_hypergradient():
     problem, inner, outer, ib, ob = ridge()
 
     @dataclasses.dataclass(frozen=True)
-    class NoAlpha(bilevel.ImplicitNeumann):
+    class NoAlpha(bilevel.Implicit):
         def __call__(self, *args):
             result = super().__call__(*args)
-            result.hypergrad = {k: v / self.alpha for k, v in result.hypergrad.items()}
+            result.hypergrad = {k: v / self.linsolve.alpha for k, v in result.hypergrad.items()}
             return result
 
     loop = bilevel.InnerLoop(steps=2000, lr=0.5)
     report = bilevel.check(problem, inner, outer, inner_batch=ib, outer_batch=ob,
-                           solver=NoAlpha(alpha=0.3, terms=100), reference="cg", loop=loop, verbose=False)
+                           solver=NoAlpha(linsolve=bilevel.Neumann(alpha=0.3, terms=100), warm_start=False), reference="cg", loop=loop, verbose=False)
     assert report.fd_rel_error > 1.0 and report.ref_rel_error > 1.0
     good = bilevel.check(problem, inner, outer, inner_batch=ib, outer_batch=ob, solver="neumann:alpha=0.3,terms=100",
                          reference="cg", loop=loop, verbose=False)

@@ -5,10 +5,10 @@ from collections import Counter
 import pytest
 import torch
 
-import problems.data.mnist as mnist_module
-from problems.data import diabetes, domains_of, rotated_animals, rotated_digits, rotated_mnist, to_tensors
-from problems.data.cache import cache_key, cache_root
-from problems.data.mnist import mnist_5k
+import bilevel.problems.data.mnist as mnist_module
+from bilevel.problems.data import diabetes, domains_of, rotated_animals, rotated_digits, rotated_mnist, to_tensors
+from bilevel.problems.data.cache import cache_key, cache_root
+from bilevel.problems.data.mnist import mnist_5k
 
 ANGLES = ["0", "15", "30", "45", "60", "75"]
 
@@ -112,7 +112,7 @@ def test_rotated_animals(cache):
 
 
 def test_missing_animal_package_names_the_install_command(monkeypatch):
-    import problems.data.animals as animals
+    import bilevel.problems.data.animals as animals
 
     monkeypatch.setattr(animals.importlib.util, "find_spec", lambda name: None)
     animals._animals.cache_clear()

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from problems.data import colored_mnist, domains_of, to_tensors
-from problems.data.mnist import mnist_5k
+from bilevel.problems.data import colored_mnist, domains_of, to_tensors
+from bilevel.problems.data.mnist import mnist_5k
 
 
 @pytest.fixture(scope="module")

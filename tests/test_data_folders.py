@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("PIL", reason="image folders need pillow: pip install pillow")
 from PIL import Image  # noqa: E402
 
-from problems.data import domains_of, image_folder_domains, to_tensors  # noqa: E402
+from bilevel.problems.data import domains_of, image_folder_domains, to_tensors  # noqa: E402
 
 DOMAINS = {"photo": 3, "sketch": 2, "art": 4}  # images per class
 CLASSES = ["cat", "dog", "horse"]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from problems.data import resize, rotate
+from bilevel.problems.data import resize, rotate
 
 
 def centre_of_mass(img: torch.Tensor) -> tuple[float, float]:

@@ -5,7 +5,7 @@ import datasets
 import pytest
 import torch
 
-from problems.data import noisy_labels, with_label_noise
+from bilevel.problems.data import noisy_labels, with_label_noise
 
 N, C = 20000, 10
 

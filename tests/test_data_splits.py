@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from problems.data import (
+from bilevel.problems.data import (
     leave_one_domain_out,
     select_leave_one_domain_out,
     select_oracle,
@@ -10,7 +10,7 @@ from problems.data import (
     split_domains,
     to_tensors,
 )
-from problems.data.images import image_dataset
+from bilevel.problems.data.images import image_dataset
 
 
 @pytest.fixture(scope="module")

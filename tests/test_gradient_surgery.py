@@ -1,8 +1,8 @@
-"""PCGrad (problems/gradient_surgery.py) on worked 2-vector examples, worked by hand."""
+"""PCGrad (bilevel/combine.py) on worked 2-vector examples, worked by hand."""
 import pytest
 import torch
 
-from problems.gradient_surgery import combine_gradients, conflicts, pcgrad_vectors
+from bilevel.combine import combine_gradients, conflicts, pcgrad_vectors
 
 torch.set_num_threads(1)
 

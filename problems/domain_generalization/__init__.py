@@ -4,8 +4,8 @@ baselines (ERM, IRM, V-REx, CORAL, Fishr) in one harness.
 
 Modules: ``model`` (featurizer + linear head), ``curvature`` (H g by Eq. 21 and by HVP, Hutchinson diagonal),
 ``penalties`` (one function per algorithm, head only), ``algorithms`` (registry + objective), ``hparams``
-(IRM protocol, DomainBed defaults and random search), ``data`` (per-domain tensors), ``harness`` (the Task),
-``selection`` (model selection), ``theory`` (Theorem 3's transfer measure).
+(IRM protocol, DomainBed defaults and random search), ``data`` (per-domain tensors), ``harness`` (``DGTask``,
+its ``bilevel.SingleLevel`` record), ``selection`` (model selection), ``theory`` (Theorem 3's transfer measure).
 """
 from .algorithms import ALGORITHMS, Algorithm, get_algorithm, objective
 from .curvature import (exact_head_hessian, head_grad, hessian_gradient_product, hgp_hvp, hgp_identity,

@@ -62,7 +62,7 @@ def load_domains(name: str, seed: int, cache_dir: Optional[str] = None, minority
         return {k: (x.to(device), y.to(device)) for k, (x, y) in synthetic(seed, synthetic_size).items()}
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
-    from problems import data as D  # the data layer; imported lazily (it pulls `datasets`)
+    from .. import data as D  # the data layer; imported lazily (it pulls `datasets`)
     if name.startswith("colored_mnist"):
         ds = D.colored_mnist(seed=seed, cache_dir=cache_dir)
         if name == "colored_mnist_imbalanced":

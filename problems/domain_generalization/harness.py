@@ -1,11 +1,11 @@
-"""The domain-generalisation Task for the ``bilevel`` runner: regularised risk minimisation over domains.
+"""The domain-generalisation harness: regularised risk minimisation over domains, declared single-level.
 
-These methods are not nested: the Task's outer params are the network params φ, and ``step`` returns
-∇_φ R(φ, t) (``algorithms.objective``) as ``grads``. Data parallelism: with minibatches each process draws
-its own per-domain minibatches from a generator seeded by (run seed, step, process index), so the runner's
-process-mean of ``grads`` is data-parallel averaging; with full batches (``batch_size=None``, the IRM
-protocol) every process computes the same gradient and the mean changes nothing. ``DEFAULT_SOLVER`` of the
-problem modules is unused (there is no hypergradient) and ``check_instance`` returns None.
+These methods are not nested: ``build_task`` returns a :class:`bilevel.SingleLevel` whose params are the
+network params φ and whose objective is R(φ, t) (``algorithms.objective``); the outer loop differentiates
+it. Data parallelism: with minibatches each process draws its own per-domain minibatches from a generator
+seeded by (run seed, step, process index), so the runner's process-mean of the gradients is data-parallel
+averaging; with full batches (``batch_size=None``, the IRM protocol) every process computes the same
+gradient and the mean changes nothing. Asking one of these problems for a hypergradient solver is an error.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch.func import functional_call, grad_and_value
+from torch.func import functional_call
 
-from bilevel import RunContext, StepOutput
+import bilevel
+from bilevel import RunContext
 from bilevel.tree import Params
 
 from .algorithms import draw_probes, get_algorithm, objective
@@ -74,12 +75,13 @@ def resolve(cfg: DGConfig) -> DGConfig:
 
 
 class DGTask:
-    """Network params as outer params; per-domain batches; ∇R as the step gradient."""
+    """The data, network and hyperparameters of one DG run; :meth:`declaration` is its
+    :class:`bilevel.SingleLevel` record (holding :meth:`objective` and :meth:`evaluate`). Stateless across
+    steps: batches and probes come from (seed, step, process) alone, the data from the seed."""
 
     def __init__(self, cfg: DGConfig, ctx: RunContext):
         self.cfg = cfg = resolve(cfg)
         self.algorithm = get_algorithm(cfg.algorithm)
-        self.optimizer, self.lr = cfg.optimizer, cfg.lr
         seed = ctx.seed if cfg.data_seed is None else cfg.data_seed
         domains = load_domains(cfg.dataset, seed, cfg.cache_dir, cfg.minority, ctx.device, cfg.synthetic_size)
         unknown = [d for d in cfg.test_domains if d not in domains]
@@ -93,9 +95,8 @@ class DGTask:
         num_classes = int(max(int(y.max()) for _, y in domains.values())) + 1
         outputs = 1 if num_classes == 2 else num_classes   # binary: one logit + BCE (IRM code)
         self.net = make_network(cfg.network, tuple(x0.shape[1:]), outputs, cfg.hidden, ctx.seed).to(ctx.device)
-        self.outer = {k: v.detach().clone() for k, v in self.net.named_parameters()}
+        self.params = {k: v.detach().clone() for k, v in self.net.named_parameters()}
         self.hp = {k: getattr(cfg, k) for k in HP_KEYS}
-        self.process_index = ctx.process_index
 
     def _split(self, domains, seed: int) -> dict[str, dict[str, tuple]]:
         """{domain: {"in": (X, y), "out": (X, y)}}: a seeded holdout per domain (DomainBed in/out splits)."""
@@ -106,7 +107,7 @@ class DGTask:
             out[name] = {"in": (x[perm[n_out:]], y[perm[n_out:]]), "out": (x[perm[:n_out]], y[perm[:n_out]])}
         return out
 
-    def batches(self, ctx: RunContext, step: int, generator: torch.Generator) -> list[tuple]:
+    def batches(self, generator: torch.Generator) -> list[tuple]:
         """Per-domain batches: the full training split, or a minibatch per domain and process."""
         out = []
         for name in self.train_names:
@@ -117,18 +118,15 @@ class DGTask:
             out.append((x, y))
         return out
 
-    def step(self, outer: Params, ctx: RunContext, step: int) -> StepOutput:
-        gen = torch.Generator().manual_seed(((ctx.seed * 1_000_003) + step) * 1009 + ctx.process_index)
-        batches = self.batches(ctx, step, gen)
-        probes = draw_probes(self.algorithm, split(outer)[1], len(batches), self.hp, gen)
-        grads, (loss, metrics) = grad_and_value(objective, has_aux=True)(
-            outer, self.net, batches, self.algorithm, self.hp, step, probes)
-        out = {k: float(v) for k, v in metrics.items()}
-        out["outer_loss"] = float(loss)
-        return StepOutput(grads={k: v.detach() for k, v in grads.items()}, metrics=out)
+    def objective(self, params: Params, info: bilevel.StepInfo) -> tuple[torch.Tensor, dict]:
+        """R(φ) at outer step ``info.step`` on this process's batches and Hutchinson probes."""
+        gen = torch.Generator().manual_seed(((info.seed * 1_000_003) + info.step) * 1009 + info.process_index)
+        batches = self.batches(gen)
+        probes = draw_probes(self.algorithm, split(params)[1], len(batches), self.hp, gen)
+        return objective(params, self.net, batches, self.algorithm, self.hp, info.step, probes)
 
     @torch.no_grad()
-    def evaluate(self, outer: Params, ctx: RunContext) -> dict[str, float]:
+    def evaluate(self, outer: Params, inners: Any = None) -> dict[str, float]:
         """Accuracy on every domain's in/out split; ``test_acc`` = mean over test domains (all rows),
         ``train_acc`` = mean over training domains' in-splits, ``val_acc`` over their out-splits."""
         out: dict[str, float] = {}
@@ -149,20 +147,17 @@ class DGTask:
         out["test_acc"] = sum(test) / len(test) if test else float("nan")
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        # Stateless across steps: batches and probes are drawn from (seed, step, process) alone, and the
-        # data from the seed; only the resolved config is recorded so a resume can check it.
-        return {"config": dataclasses.asdict(self.cfg)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("config")
-        if saved is not None and saved != dataclasses.asdict(self.cfg):
-            diff = {k: (saved[k], v) for k, v in dataclasses.asdict(self.cfg).items() if saved.get(k) != v}
-            raise ValueError(f"checkpoint was made with a different config (saved, now): {diff}")
-
-    def check_instance(self) -> Optional[dict[str, Any]]:
-        return None   # no nested hypergradient: the step gradient is a plain gradient
+    def declaration(self) -> bilevel.SingleLevel:
+        """The single-level record: the network params, R(φ) (:meth:`objective`), the optimiser, evaluation."""
+        return bilevel.SingleLevel(params=self.params, objective=self.objective, optimizer=self.cfg.optimizer,
+                                   lr=self.cfg.lr, evaluate=self.evaluate,
+                                   kind=f"{self.cfg.algorithm}, regularised risk minimisation")
 
 
-def build_task(cfg: DGConfig, ctx: RunContext) -> DGTask:
-    return DGTask(cfg, ctx)
+def build_task(cfg: DGConfig, ctx: RunContext) -> bilevel.SingleLevel:
+    """The :class:`bilevel.SingleLevel` record of one DG algorithm (``DGTask(cfg, ctx).declaration()``).
+
+    Scripts that also need the data or the network (e.g. the Hessian-distance dynamics of
+    ``reproductions/colored_mnist.py``) build the :class:`DGTask` and call :meth:`DGTask.declaration`.
+    """
+    return DGTask(cfg, ctx).declaration()

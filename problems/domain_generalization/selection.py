@@ -46,7 +46,7 @@ def rows_for(protocol: str, records: Iterable[tuple[Hashable, int, Optional[str]
 
 def select(protocol: str, records, test_domain: str, train_domains: list[str]) -> dict[str, Any]:
     """Apply a DomainBed protocol (the data layer's function) to sweep records."""
-    from problems import data as D
+    from .. import data as D
     fn = {"training_domain": D.select_training_domain_validation, "oracle": D.select_oracle,
           "leave_one_domain_out": D.select_leave_one_domain_out}
     if protocol not in fn:

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bilevel import StepOutput, TaskDefaults
+import bilevel
 
 
 @dataclass(frozen=True)
@@ -14,22 +14,15 @@ class Config:
 
 
 SMOKE = Config()
-DEFAULT_SOLVER = "cg"
-
-
-class FailingTask(TaskDefaults):
-    optimizer, lr = "sgd", 0.1
-
-    def __init__(self, cfg, ctx):
-        self.cfg, self.outer = cfg, {"x": torch.ones(3)}
-
-    def step(self, outer, ctx, step):
-        if step == self.cfg.nan_step:
-            return StepOutput({"x": torch.full((3,), float("nan"))}, {"outer_loss": 1.0})
-        if self.cfg.nan_step < 0 and step == self.cfg.fail_step and ctx.process_index == self.cfg.fail_process:
-            raise RuntimeError(f"deliberate failure on process {ctx.process_index} at step {step}")
-        return StepOutput({"x": outer["x"].clone()}, {"outer_loss": float((outer["x"] ** 2).sum())})
 
 
 def build(cfg, ctx):
-    return FailingTask(cfg, ctx)
+    def gradient(params, info):
+        if info.step == cfg.nan_step:
+            return {"x": torch.full((3,), float("nan"))}, {"outer_loss": 1.0}
+        if cfg.nan_step < 0 and info.step == cfg.fail_step and info.process_index == cfg.fail_process:
+            raise RuntimeError(f"deliberate failure on process {info.process_index} at step {info.step}")
+        return {"x": params["x"].clone()}, {"outer_loss": float((params["x"] ** 2).sum())}
+
+    return bilevel.SingleLevel(params={"x": torch.ones(3)}, gradient=gradient, optimizer="sgd", lr=0.1,
+                               kind="a test objective ½‖x‖²")

@@ -1,4 +1,4 @@
-"""Combining several gradients: PCGrad gradient surgery, or the plain mean.
+"""Combining the hypergradients of an outer step's sub-problems: the plain mean, or PCGrad gradient surgery.
 
 PCGrad: "Gradient Surgery for Multi-Task Learning", Yu, Kumar, Gupta, Levine, Hausman, Finn,
 NeurIPS 2020 (arXiv:2001.06782), Algorithm 1. ITL (Gao et al., ICML 2022, Sec. 3.3) combines its
@@ -20,10 +20,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from bilevel import tree
-from bilevel.tree import Params
+from . import tree
+from .tree import Params
 
-METHODS = ("pcgrad", "mean")
+METHODS = ("mean", "pcgrad")
 
 
 def _check(grads: Sequence[Params]) -> None:
@@ -63,12 +63,10 @@ def combine_gradients(grads: Sequence[Params], method: str = "pcgrad", seed: int
     if method not in METHODS:
         raise ValueError(f"combine_gradients: method must be one of {METHODS}, got {method!r}")
     _check(grads)
+    if method == "mean":  # leaf by leaf (no flattening), so a single tensor's mean is torch's own
+        return {k: torch.stack([g[k] for g in grads]).mean(0) for k in grads[0]}
     stacked = torch.stack([tree.flatten(g) for g in grads])
-    if method == "mean":
-        flat = stacked.mean(0)
-    else:
-        flat = pcgrad_vectors(stacked, torch.Generator().manual_seed(seed), reduction)
-    return tree.unflatten(flat, grads[0])
+    return tree.unflatten(pcgrad_vectors(stacked, torch.Generator().manual_seed(seed), reduction), grads[0])
 
 
 def conflicts(grads: Sequence[Params]) -> int:

@@ -13,20 +13,24 @@ from .check import CheckReport, check
 from .combine import combine_gradients, conflicts
 from .context import RunContext, local_context
 from .declare import Declaration, Nested, SingleLevel, StepInfo, SubProblem
-from .errors import (BilevelError, ConvergenceWarning, IndefiniteHessianError, NeumannDivergenceError,
-                     NonFiniteError, SpecError, StructureError)
+from .compare import CompareError, CompareReport, compare, compare_problem, split_solver_list
+from .errors import (BilevelError, ConvergenceWarning, DivergenceError, IndefiniteHessianError, NeumannDivergenceError,
+                     NonFiniteError, SpecError, StationarityWarning, StructureError, ZeroHypergradientWarning)
 from .inner import InnerLoop
 from .linsolve import CG, Exact, FixedPoint, LinearSolveInfo, Neumann
 from .outer import OuterLoop, make_outer_optimizer, run_locally
 from .solvers import (CMAES, SOLVERS, Forward, Implicit, OneStep, Unroll, describe_options, make_solver,
                       normalize_spec, solver_kind, solver_options)
+from .transforms import NotDifferentiableError
 from .types import BilevelProblem, HypergradResult, Solver
+from .solve import solve
 from .validate import validate_problem
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BilevelProblem", "HypergradResult", "Solver", "InnerLoop", "hypergrad", "check", "CheckReport",
+    "BilevelProblem", "HypergradResult", "Solver", "InnerLoop", "hypergrad", "solve", "check", "CheckReport",
+    "compare", "compare_problem", "CompareReport", "CompareError", "split_solver_list",
     "SOLVERS", "make_solver", "solver_options", "describe_options", "solver_kind", "normalize_spec",
     "Implicit", "Forward", "Unroll", "OneStep", "CMAES",
     "CG", "Neumann", "FixedPoint", "Exact", "LinearSolveInfo",
@@ -34,6 +38,6 @@ __all__ = [
     "OuterLoop", "run_locally", "make_outer_optimizer", "RunContext", "local_context",
     "combine_gradients", "conflicts",
     "hvp", "hvp_operator", "mixed_vjp", "validate_problem", "tree", "linsolve",
-    "BilevelError", "SpecError", "NonFiniteError", "NeumannDivergenceError", "IndefiniteHessianError",
-    "StructureError", "ConvergenceWarning",
+    "BilevelError", "SpecError", "NonFiniteError", "DivergenceError", "NeumannDivergenceError", "IndefiniteHessianError",
+    "StructureError", "ConvergenceWarning", "StationarityWarning", "ZeroHypergradientWarning", "NotDifferentiableError",
 ]

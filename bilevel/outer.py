@@ -7,8 +7,9 @@
 - keeps the warm starts (inner params per sub-problem key) and the solver state across outer steps;
 - splits an outer step's sub-problems across processes (``ctx.map``) and combines their hypergradients;
 - owns the outer params and the outer optimiser (the CMA-ES update replaces it only when the solver is
-  zeroth-order on a nested problem), clips, guards against non-finite values, and says what goes into a
-  checkpoint (:meth:`OuterLoop.state_dict`).
+  zeroth-order on a nested problem), clips, guards against non-finite values and against divergence (a
+  finite loss or gradient norm exploding, :mod:`bilevel.divergence`) before the update, and says what goes
+  into a checkpoint (:meth:`OuterLoop.state_dict`).
 
 A zeroth-order solver scores a candidate φ by the mean outer loss over all of a step's sub-problems, so
 they are solved as one joint problem (their inner params are disjoint and their inner losses add up, so
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch.func import grad_and_value
@@ -27,6 +28,7 @@ from . import tree
 from .api import hypergrad
 from .combine import combine_gradients, conflicts
 from .declare import Declaration, Nested, SingleLevel, StepInfo, SubProblem
+from .divergence import DEFAULT_FACTOR, DEFAULT_WINDOW, DivergenceGuard
 from .errors import NonFiniteError, SpecError
 from .inner import batch_at
 from .solvers import make_solver, name_of, solver_kind
@@ -118,14 +120,22 @@ class OuterLoop:
         name: how errors name the problem.
         reduce: ``grads -> grads`` averaged over processes (identity in one process).
         gather_metrics: ``metrics -> metrics`` averaged over processes (identity in one process).
+        divergence_factor: stop (:class:`~bilevel.errors.DivergenceError`, before the update) when the outer
+            gradient norm exceeds this many times its running reference, or the outer loss rises above its
+            running median by this many times its typical magnitude (rules in :mod:`bilevel.divergence`).
+            Default 1e3; 0 or None switches the divergence guard off (NaN/Inf still stop the run).
+        divergence_window: the running reference is the median over this many last accepted steps
+            (default 50); the guard judges a step once min(5, window) values are held.
     """
 
     def __init__(self, declaration: Declaration, solver: Optional[str], ctx: RunContext, *,
                  name: str = "this problem", reduce: Optional[Callable[[Params], Params]] = None,
-                 gather_metrics: Optional[Callable[[dict], dict]] = None):
+                 gather_metrics: Optional[Callable[[dict], dict]] = None,
+                 divergence_factor: Optional[float] = DEFAULT_FACTOR, divergence_window: int = DEFAULT_WINDOW):
         if not isinstance(declaration, (Nested, SingleLevel)):
             raise TypeError(f"build() must return bilevel.Nested or bilevel.SingleLevel, got "
                             f"{type(declaration).__name__}")
+        self.divergence = DivergenceGuard(divergence_factor, divergence_window)  # bad options fail before any work
         self.declaration, self.ctx, self.name = declaration, ctx, name
         self.solver_spec = resolve_solver(declaration, solver, name)
         self.solver = None
@@ -239,7 +249,9 @@ class OuterLoop:
         for part in ("metrics", "extra"):
             keys = set.intersection(*(set(o[part]) for o in outs))
             for k in sorted(keys):
-                merged[k] = sum(o[part][k] for o in outs) / len(outs)
+                values = [o[part][k] for o in outs]
+                # equal values (e.g. a fixed alpha) are logged as given, not perturbed by the rounding of a mean
+                merged[k] = values[0] if all(v == values[0] for v in values) else sum(values) / len(values)
             if part == "extra" and len(outs) > 1:
                 for sub, o in zip(subs, outs):
                     merged.update({f"{k}/{sub.key}": v for k, v in o[part].items()})
@@ -267,20 +279,34 @@ class OuterLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def guard(self, step: int, grads: Params, metrics: Mapping[str, float], hint: str = "") -> None:
-        """Stop with an error naming the step, the solver and the quantity when something is NaN/Inf."""
+    def guard(self, step: int, grads: Params, metrics: Mapping[str, float],
+              hint: Union[str, Callable[[], str]] = "") -> None:
+        """Stop before the update of ``step`` when it is unsafe, with an error naming the step, the solver and
+        the quantity: :class:`NonFiniteError` when something is NaN/Inf, :class:`DivergenceError` when the
+        outer loss or gradient norm exceeds ``divergence_factor`` times its running reference.
+
+        ``hint`` (text, or a callable evaluated only when the guard trips) is appended to the message.
+        """
         what = "hypergradient" if self.solver_spec is not None else "gradient"
         bad = [f"{what}[{k!r}]" for k, g in grads.items() if not bool(torch.isfinite(g).all())]
         if not metrics.get("skipped"):  # a skipped step (skip_nonfinite) is expected to have a non-finite loss
             bad += [f"metric {k!r} = {v}" for k, v in metrics.items() if "loss" in k and not math.isfinite(v)]
         if bad:
+            hint = hint() if callable(hint) else hint
             raise NonFiniteError(f"outer step {step}, {self._solver_label}: non-finite {', '.join(bad)}; "
                                  f"the outer params were not updated{'; ' + hint if hint else ''}. Lower the "
                                  "outer/inner learning rate or check the solver options.")
+        self.divergence.check(step, metrics, self._solver_label, hint)
 
     def run(self, steps: int, on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
             error_hint: Callable[[], str] = lambda: "") -> list[dict[str, float]]:
-        """Run outer steps ``self.step .. steps − 1``; ``on_step(step, metrics)`` after each update."""
+        """Run outer steps ``self.step .. steps − 1``; ``on_step(step, metrics)`` after each update.
+
+        A step that trips a guard raises before its update, so ``on_step`` (where the runner checkpoints)
+        never sees it. ``error_hint()`` is called only then, while ``self.step`` is still the failing step:
+        a checkpoint of step ``s`` holds the params that step ``s`` evaluates, so the last good one is the
+        newest of a step below ``self.step``.
+        """
         history = []
         self._first_step = self.step
         for step in range(self.step, steps):
@@ -292,8 +318,9 @@ class OuterLoop:
                                      f"were not updated{'; ' + hint if hint else ''}") from err
             grads = self._reduce(grads)
             metrics = self._gather(metrics)
-            self.guard(step, grads, metrics, error_hint())
+            self.guard(step, grads, metrics, error_hint)
             self.apply(grads)
+            self.divergence.accept(metrics)  # before on_step: a checkpoint holds the reference including this step
             self.step = step + 1
             history.append(metrics)
             if on_step is not None:
@@ -308,15 +335,23 @@ class OuterLoop:
 
     # ---- what a checkpoint holds ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Outer params, optimiser state, warm starts, solver state and the next step."""
+        """Outer params, optimiser state, warm starts, solver state, the divergence guard's held values
+        (``divergence_guard``: lists of floats) and the next step."""
         return {"step": self.step, "outer": {k: v.detach().cpu() for k, v in self.outer.items()},
                 "optimizer": self.optimizer.state_dict(), "inner": dict(self.inner),
-                "solver_state": dict(self.solver_state)}
+                "solver_state": dict(self.solver_state), "divergence_guard": self.divergence.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if set(state["outer"]) != set(self.outer):
             raise ValueError(f"the saved outer params {sorted(state['outer'])} differ from the problem's "
                              f"{sorted(self.outer)}")
+        if "divergence_guard" not in state and self.divergence.factor is not None:
+            # its reference would restart from nothing: the resumed run could trip at another step, or not at all
+            raise ValueError("the saved state holds no divergence-guard reference (it was written before the guard "
+                             "kept one), so a resumed run could not stop where an uninterrupted one would; resume "
+                             "with the divergence guard off (divergence_factor=0) or start a fresh run")
+        if "divergence_guard" in state:
+            self.divergence.load_state_dict(state["divergence_guard"])
         with torch.no_grad():
             for key, param in self.outer.items():
                 param.copy_(state["outer"][key].to(param.device))
@@ -327,16 +362,18 @@ class OuterLoop:
 
 
 def run_locally(declaration: Declaration, steps: int, solver: Optional[str] = None, *, seed: int = 0,
-                device: str | torch.device = "cpu", ctx: Optional[RunContext] = None
+                device: str | torch.device = "cpu", ctx: Optional[RunContext] = None,
+                divergence_factor: Optional[float] = DEFAULT_FACTOR, divergence_window: int = DEFAULT_WINDOW
                 ) -> tuple[Params, list[dict[str, float]], OuterLoop]:
     """Run ``steps`` outer steps of a declared problem in this process (no accelerate, no run folder).
 
     Returns the final outer params (detached), the per-step metrics and the :class:`OuterLoop` (for
     ``.evaluate()``, warm starts and state). ``bilevel run`` drives the same loop with processes,
-    logging, guards and checkpoints.
+    logging, guards and checkpoints. ``divergence_factor`` / ``divergence_window``: see :class:`OuterLoop`.
     """
     ctx = ctx if ctx is not None else local_context(seed=seed, device=device)
-    loop = OuterLoop(declaration, solver, ctx)
+    loop = OuterLoop(declaration, solver, ctx, divergence_factor=divergence_factor,
+                     divergence_window=divergence_window)
     history = loop.run(steps)
     return tree.detach(loop.outer), history, loop
 

@@ -5,6 +5,8 @@ import warnings
 
 import torch
 
+from torch import Tensor
+
 from .errors import NonFiniteError, StructureError
 from .tree import Params
 from .types import Batch, BilevelProblem
@@ -20,6 +22,50 @@ def check_params(params: Params, name: str) -> None:
             raise StructureError(f"{name}[{key!r}] must be a Tensor, got {type(value).__name__}")
         if not value.is_floating_point():
             raise StructureError(f"{name}[{key!r}] must be floating point, got {value.dtype}")
+
+
+def check_dtypes_and_devices(named: list[tuple[str, Tensor]]) -> None:
+    """Raise unless every floating-point tensor in ``named`` has the dtype and device of the first one.
+
+    ``named`` lists ``(path, tensor)`` for the outer params, the inner params and every tensor leaf of the
+    batches (integer tensors such as labels are skipped), e.g. ``("outer['log_lambda']", t)``. Mixed
+    dtypes would otherwise be promoted silently inside the losses (a float64 batch turns float32 params'
+    gradients float64, a float32 batch rounds float64 params' losses to 7 digits) or fail deep inside a
+    solver; mixed devices fail deep inside torch. Reads only metadata: no host sync, safe under vmap.
+    """
+    floating = [(path, t) for path, t in named if isinstance(t, Tensor) and t.is_floating_point()]
+    if not floating:
+        return
+    ref_path, ref = floating[0]
+    for path, t in floating[1:]:
+        if t.dtype != ref.dtype:
+            raise StructureError(
+                f"{path} has dtype {t.dtype} but {ref_path} has dtype {ref.dtype}: the inner params, the outer "
+                "params and every floating-point batch tensor must share one dtype (for mixed precision use "
+                f"torch.autocast, not mixed inputs). Fix: {_cast_hint(path, ref.dtype)} (or cast everything to "
+                f"{t.dtype} instead).")
+        if t.device != ref.device:
+            raise StructureError(
+                f"{path} is on device {t.device} but {ref_path} is on device {ref.device}: the params and the "
+                f"floating-point batch tensors must live on one device. Fix: {_move_hint(path, ref.device)}.")
+
+
+def _root(path: str) -> str:
+    return path.split("[", 1)[0].split("(", 1)[0]
+
+
+def _cast_hint(path: str, dtype: torch.dtype) -> str:
+    root = _root(path)
+    if root in ("inner", "outer"):
+        return f"cast the params with bilevel.tree.cast({root}, {dtype})"
+    return f"cast that batch tensor with .to({dtype})"
+
+
+def _move_hint(path: str, device: torch.device) -> str:
+    root = _root(path)
+    if root in ("inner", "outer"):
+        return f"move the params with {{k: v.to({str(device)!r}) for k, v in {root}.items()}}"
+    return f"move that batch tensor with .to({str(device)!r})"
 
 
 def _check_finite(params: Params, name: str) -> None:

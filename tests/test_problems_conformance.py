@@ -7,8 +7,8 @@ Criteria per solver kind (documented in README, "Solvers"):
 - implicit (``cg``, ``neumann``, ``fixedpoint``) against the dense ``exact`` solve at the same inner
   iterate and the same damping: the same linear system, so relative error ≤ 1e-5;
 - ``unroll:truncate``: the derivative of a truncated loop, biased: cosine with full ``unroll`` ≥ 0.5;
-- ``onestep``: the exact derivative of one step of the loop from the warm start, so against finite
-  differences of a one-step loop: relative error ≤ 1e-5;
+- ``onestep``: the exact derivative of one step of the loop from a trained warm start, so against finite
+  differences of a one-step loop: relative error ≤ 1e-4 (``bilevel.check``'s default bound);
 - ``cmaes``: no derivative to compare; the loop must land the outer params exactly on the new mean
   (φ₁ = φ₀ − g₀ with g₀ = m_old − m_new).
 A solver whose kind does not apply is refused with an error that names the solvers that do.
@@ -83,10 +83,15 @@ def test_smoke_hypergradient_against_an_exact_value(problem, solver):
                 max_directions=12)
     kind = bilevel.solver_kind(solver)
     if solver in ("forward", "unroll") or kind == "online":
-        if kind == "online":  # one step from the warm start: the derivative of a one-step loop
+        start = sub.inner
+        if kind == "online":  # one step from a warm, trained θ: the derivative of a one-step loop
+            start, _, _ = decl.loop.run(decl.problem, sub.inner, decl.outer, sub.inner_batch)
             args["loop"] = dataclasses.replace(decl.loop, steps=1)
-        report = bilevel.check(decl.problem, sub.inner, decl.outer, solver=solver, reference=None, **args)
-        assert report.fd_rel_error <= 1e-5, report
+        report = bilevel.check(decl.problem, start, decl.outer, solver=solver, reference=None, **args)
+        # one step from a trained θ: the step's own scale is ~η·‖∇G‖, so central differences of it carry
+        # relatively more round-off than those of a K-step loop; 1e-4 is check's default, itself held to be
+        # 10x above the finite differences' estimated error
+        assert report.fd_rel_error <= (1e-4 if kind == "online" else 1e-5), report
         if solver == "unroll" and decl.loop.steps >= 4:
             truncated = bilevel.check(decl.problem, sub.inner, decl.outer, solver=f"unroll:truncate="
                                       f"{decl.loop.steps // 2}", reference="unroll", **args)

@@ -2,24 +2,35 @@
 
     bilevel list
     bilevel run ridge --solver cg --steps 50 --out runs/ridge [--config cfg.toml] [--set key=value ...]
-    bilevel run ridge ... --checkpoint-every 10 [--resume]
+    bilevel run ridge ... --checkpoint-every 10 [--resume | --overwrite]   (one run per --out folder, locked)
     accelerate launch --multi_gpu --num_processes 2 -m bilevel.run.cli run ridge --cpu ...   (2 CPU processes)
     accelerate launch --num_processes 8 -m bilevel.run.cli run itl ...                       (8 GPUs)
-    bilevel check ridge --solver neumann:alpha=0.5,terms=50 --reference exact
+    bilevel check ridge --solver neumann:alpha=0.5,terms=150 --reference exact
+    bilevel compare ridge --solvers cg,neumann:alpha=auto,terms=20,unroll:truncate=20 --reference exact [--steps 5] --out cmp
+    bilevel --debug run ...    (an error shows its traceback instead of one line)
+
+Every argument is checked before any work; bad input is one line on stderr, ``bilevel <command>: error:
+<what is wrong>; <the fix>``, and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, Optional
 
 import torch
 
+from ..divergence import DEFAULT_FACTOR, DEFAULT_WINDOW, check_divergence_options
 from ..errors import BilevelError, SpecError
-from ..solvers import SOLVERS, describe_options, parse_spec, solver_kind
+from ..solvers import SOLVERS, describe_options, normalize_spec, parse_spec, solver_kind
 from . import config as config_mod
+from . import rundir
 from .problems import load_problem, registered
+
+
+DEBUG_HELP = "on an error, show the full traceback instead of one line"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -49,16 +60,40 @@ def resolve(problem: str, smoke: bool, config_file: Optional[str], overrides: li
     return module, config_mod.resolve_config(module.Config, base, *layers)
 
 
+def check_common_args(args: argparse.Namespace) -> None:
+    """The arguments ``run`` and ``check`` share, before any work: threads, seed, ``--set``, ``--config``."""
+    if args.threads < 0:
+        raise rundir.RunArgumentError(f"--threads {args.threads}: must be 0 (torch's default) or a positive number "
+                                      "of threads per process; pass --threads N with N >= 0")
+    rundir.check_seed(args.seed)
+    config_mod.parse_overrides(args.set)
+    if args.config is not None:
+        config_mod.check_config_path(args.config)
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Every ``bilevel run`` argument, before the problem is imported or accelerate is loaded."""
+    check_common_args(args)
+    if args.solver is not None:
+        normalize_spec(args.solver)  # an unknown solver or option: SpecError listing the valid ones
+    rundir.check_run_arguments(steps=args.steps, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                               out=args.out, resume=args.resume, overwrite=args.overwrite,
+                               log_with=tuple(args.log_with or ()))
+    check_divergence_options(args.divergence_factor, args.divergence_window)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    check_run_args(args)
     from .loop import RunSpec, run  # imports accelerate; keep `bilevel list` light
 
     if args.threads:
         torch.set_num_threads(args.threads)
     module, cfg = resolve(args.problem, args.smoke, args.config, args.set)
     spec = RunSpec(problem=args.problem, solver=args.solver, steps=args.steps, seed=args.seed, out=args.out,
-                   resume=args.resume, checkpoint_every=args.checkpoint_every, cpu=args.cpu,
-                   mixed_precision=args.mixed_precision, log_with=tuple(args.log_with or ()),
-                   progress=not args.no_progress)
+                   resume=args.resume, overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
+                   cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=tuple(args.log_with or ()),
+                   progress=not args.no_progress, divergence_factor=args.divergence_factor,
+                   divergence_window=args.divergence_window)
     final = run(spec, module, cfg, config_mod.config_table(cfg))
     if final:
         print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
@@ -66,11 +101,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ..check import check
+    """Exit 0 when the check passes, 1 when it fails (relative error, cosine or FD accuracy), 2 on bad input."""
+    from ..check import check, validate_check_options
     from ..context import local_context
     from ..declare import SingleLevel
     from ..outer import resolve_solver
 
+    validate_check_options(rtol=args.rtol, min_cosine=args.min_cosine, eps=args.eps,
+                           max_directions=args.directions)  # before the problem is built
     if args.threads:
         torch.set_num_threads(args.threads)
     module, cfg = resolve(args.problem, args.smoke, args.config, args.set)
@@ -86,19 +124,47 @@ def cmd_check(args: argparse.Namespace) -> int:
     sub = declaration.first_subproblem(args.seed)
     report = check(declaration.problem, sub.inner, declaration.outer, inner_batch=sub.inner_batch,
                    outer_batch=sub.outer_batch, loop=declaration.loop, solver=solver, reference=args.reference,
-                   max_directions=args.directions, seed=args.seed)
-    ok = report.fd_cosine >= args.min_cosine
-    print(f"check {'passed' if ok else 'FAILED'}: cosine with finite differences {report.fd_cosine:.6f} "
-          f"(threshold {args.min_cosine})")
-    return 0 if ok else 1
+                   max_directions=args.directions, seed=args.seed, eps=args.eps, rtol=args.rtol,
+                   min_cosine=args.min_cosine, verbose=False)
+    print(report)  # the numbers, the thresholds, then "check passed" or "check FAILED: <criteria>"
+    return 0 if report.passed else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ..compare import check_counts, check_specs, compare_problem
+    from ..context import local_context
+    from .compare_report import check_out_dir, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Every refusal comes before any work, and nothing is created on disk until the comparison has run.
+    specs = check_specs(args.solvers, args.reference)  # the split list, every spec, the reference
+    check_counts(args.repeats, args.steps)
+    if args.out:
+        check_out_dir(args.out, args.overwrite)
+    module, cfg = resolve(args.problem, args.smoke, args.config, args.set)
+    declaration = module.build(cfg, local_context(args.reference, seed=args.seed))
+    report = compare_problem(declaration, specs, reference=args.reference, steps=args.steps, repeats=args.repeats,
+                             seed=args.seed, memory=not args.no_memory, name=f"problem {args.problem!r}")
+    print(report)
+    if args.out:
+        paths = write_report(report, args.out, overwrite=args.overwrite)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0  # a solver that failed or does not apply is a result of the comparison, reported in its row
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bilevel", description="Bilevel problems with swappable hypergradient solvers.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="registered problems and solvers with their options").set_defaults(fn=cmd_list)
+    list_p = sub.add_parser("list", help="registered problems and solvers with their options")
+    list_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    list_p.set_defaults(fn=cmd_list)
 
     def common(p: argparse.ArgumentParser) -> None:
+        # --debug is global (`bilevel --debug run ...`) and also accepted after the command; SUPPRESS keeps the
+        # subcommand from resetting a global --debug to False
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         p.add_argument("problem", help="a registered problem (see `bilevel list`)")
         p.add_argument("--solver", default=None, help="solver spec, e.g. cg:maxiter=50 (default: the problem's)")
         p.add_argument("--seed", type=int, default=0)
@@ -112,39 +178,118 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--steps", type=int, required=True, help="outer steps")
     run_p.add_argument("--out", required=True, help="run folder (config, metrics, params, plot, checkpoints)")
     run_p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    run_p.add_argument("--overwrite", action="store_true",
+                       help="--out holds a previous run: delete its files (config, metrics, params, plot, "
+                            "checkpoints; never others) and start over")
     run_p.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="checkpoint every K steps")
     run_p.add_argument("--cpu", action="store_true", help="force CPU (needed for multi-process CPU runs)")
     run_p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                        help="forward passes only; HVPs and linear solves stay float32")
     run_p.add_argument("--log-with", action="append", choices=("tensorboard", "wandb", "mlflow"),
                        help="extra tracker (JSONL is always written)")
+    run_p.add_argument("--divergence-factor", type=float, default=DEFAULT_FACTOR, metavar="F",
+                       help="stop when the outer loss or gradient norm exceeds F times its running median "
+                            "(default %(default)g; 0 switches this guard off, NaN/Inf always stop the run)")
+    run_p.add_argument("--divergence-window", type=int, default=DEFAULT_WINDOW, metavar="W",
+                       help="the running median is over the last W accepted steps (default %(default)d)")
     run_p.add_argument("--no-progress", action="store_true")
     run_p.set_defaults(fn=cmd_run)
+
+    from ..check import DEFAULT_EPS, DEFAULT_MIN_COSINE, DEFAULT_RTOL  # already loaded by `import bilevel`
 
     check_p = sub.add_parser("check", help="the problem's hypergradient against finite differences and a reference")
     common(check_p)
     check_p.add_argument("--reference", default="unroll", help="reference solver spec (or 'none')")
     check_p.add_argument("--directions", type=int, default=32, help="max finite-difference directions")
-    check_p.add_argument("--min-cosine", type=float, default=0.99, help="exit non-zero below this cosine")
+    check_p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                         help="fail above this relative error (default %(default)g: well above float64 FD noise)")
+    check_p.add_argument("--min-cosine", type=float, default=DEFAULT_MIN_COSINE,
+                         help="fail below this cosine (default %(default)g)")
+    check_p.add_argument("--eps", type=float, default=DEFAULT_EPS,
+                         help="finite-difference step (default %(default)g; also differenced at 2*eps to "
+                              "estimate the FD error)")
     check_p.set_defaults(fn=cmd_check)
+
+    compare_p = sub.add_parser("compare", help="every listed solver against a reference on the problem: "
+                                               "error, time, gradient/HVP counts, memory, convergence")
+    compare_p.add_argument("problem", help="a registered problem (see `bilevel list`) or a module path")
+    compare_p.add_argument("--solvers", required=True, metavar="SPEC,SPEC,...",
+                           help="comma-separated solver specs; a key=value piece continues the spec before it, "
+                                "e.g. cg,neumann:alpha=auto,terms=20,unroll:truncate=20,onestep")
+    compare_p.add_argument("--reference", default="exact",
+                           help="the spec the others are measured against (default exact: a dense solve for "
+                                "small problems; otherwise e.g. cg:rtol=1e-10,maxiter=1000)")
+    compare_p.add_argument("--steps", type=int, default=0, metavar="N",
+                           help="compare at each of the first N outer params of the reference's own run "
+                                "(0: only at the start)")
+    compare_p.add_argument("--repeats", type=int, default=1, metavar="R",
+                           help="timed calls per solver, after one untimed warm-up; the median is reported")
+    compare_p.add_argument("--out", default=None, help="folder for compare.json, compare.csv and compare.png")
+    compare_p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
+    compare_p.add_argument("--no-memory", action="store_true",
+                           help="skip the peak-memory measurement (the warm-up call then runs unprofiled)")
+    compare_p.add_argument("--seed", type=int, default=0)
+    compare_p.add_argument("--config", default=None, help="a .toml or .json file of problem settings")
+    compare_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    compare_p.add_argument("--smoke", action="store_true", help="start from the problem's tiny SMOKE config")
+    compare_p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    compare_p.set_defaults(fn=cmd_compare)
     return parser
 
 
+def _fail(command: str, message: Any) -> None:
+    """One line on stderr: ``bilevel <command>: error: <what is wrong>; <the fix>``."""
+    print(f"bilevel {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """The ``bilevel`` command. Exit codes: 0 done, 1 a check failed or an unexpected error, 2 bad input
+    (argparse's usage errors too). Errors are one line on stderr; ``--debug`` re-raises them instead."""
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     if getattr(args, "reference", None) == "none":
         args.reference = None
     try:
+        if args.command == "check":
+            check_common_args(args)  # `run` checks its arguments itself (cmd_run)
         return args.fn(args)
     except ImportError as err:  # a problem whose data packages are not installed
-        print(f"bilevel {args.command}: error: {err}; the paper problems need the `problems` extra: "
-              "pip install -e \".[problems]\"", file=sys.stderr)
+        if debug:
+            raise
+        _fail(args.command, f"{err}; the paper problems need the `problems` extra: pip install -e \".[problems]\"")
         return 2
-    except (BilevelError, KeyError, ValueError, TypeError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"bilevel {args.command}: error: {message}", file=sys.stderr)
+    except (BilevelError, KeyError, ValueError, TypeError, FileNotFoundError) as err:  # bad input
+        if debug:
+            raise
+        _fail(args.command, err.args[0] if isinstance(err, KeyError) and err.args else err)
         return 2
+    except BrokenPipeError:  # the reader of stdout left (`bilevel list | head`): nothing is wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _fail(args.command, "interrupted" + ("; the run folder keeps the checkpoints written so far: continue it "
+                                             "with --resume" if args.command == "run" else ""))
+        return 130
+    except Exception as err:  # a bug or the environment: still one line, the traceback on request
+        if debug:
+            raise
+        _fail(args.command, f"{type(err).__name__}: {err}; if this is not an environment problem it is a bug: "
+                            "rerun with --debug to see the traceback")
+        return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import lifetime
+
+    lifetime.install()  # under a launcher: this worker never outlives it (no-op in a plain `bilevel run`)
+    code = main()
+    if code == 2 and rundir.launch_layout()[1] > 1:
+        # Under `accelerate launch` every process refuses together, but torchrun stops the others as soon as
+        # one exits, and tearing down an interpreter with torch loaded takes seconds: leave at once so that
+        # each process exits with the refusal's code instead of being killed. Files are all closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -57,7 +58,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise SpecError(f"config key {key!r} expects an int, got {value!r}")
         try:
             return int(value) if not isinstance(value, str) else int(value, 10)
-        except ValueError:
+        except (TypeError, ValueError):  # TypeError: a TOML date or list where an int belongs
             raise SpecError(f"config key {key!r} expects an int, got {value!r}") from None
     if tp is float:
         if isinstance(value, bool):
@@ -73,30 +74,65 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A flat table of settings from a ``.toml`` or ``.json`` file."""
+CONFIG_SUFFIXES = (".toml", ".json")
+
+
+def check_config_path(path: str | Path) -> Path:
+    """``path`` names a readable ``.toml`` or ``.json`` file (checked before anything is built).
+
+    Raises:
+        FileNotFoundError: it does not exist.
+        SpecError: it is a folder, not readable, or of another type; the message says what to pass instead.
+    """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--config {path}: the file does not exist; pass the path of a .toml or .json "
+                                "file of settings")
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    if path.suffix == ".toml":
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    elif path.suffix == ".json":
-        data = json.loads(path.read_text())
-    else:
-        raise SpecError(f"config file {path}: use a .toml or .json file")
+        raise SpecError(f"--config {path} is a folder, not a file; pass the path of a .toml or .json file")
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise SpecError(f"--config {path}: {path.suffix or 'no extension'} is not a settings format read here; "
+                        "write the settings as a .toml or .json file (one flat table of key = value)")
+    if not os.access(path, os.R_OK):
+        raise SpecError(f"--config {path} is not readable by this user; fix its permissions or pass another file")
+    return path
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat table of settings from a ``.toml`` or ``.json`` file (nothing in it is executed)."""
+    path = check_config_path(path)
+    try:
+        if path.suffix == ".toml":
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise SpecError(f"--config {path} is not valid {kind} ({err}); fix the file (one flat table of "
+                        "key = value settings)") from None
+    except OSError as err:
+        raise SpecError(f"--config {path} cannot be read ({err.strerror or err}); fix the file or pass another "
+                        "one") from None
     if not isinstance(data, dict) or any(isinstance(v, dict) for v in data.values()):
-        raise SpecError(f"config file {path} must hold one flat table of key = value settings")
+        raise SpecError(f"--config {path} must hold one flat table of key = value settings (no nested tables, "
+                        "not a list); move every setting to the top level")
     return data
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    """``["key=value", ...]`` from ``--set`` into a dict (values stay strings until coerced)."""
+    """``["key=value", ...]`` from ``--set`` into a dict (values stay strings until coerced).
+
+    Raises:
+        SpecError: a pair has no ``=`` or an empty key.
+    """
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SpecError(f"--set expects key=value, got {pair!r}")
+            raise SpecError(f"--set {pair!r} has no '='; write --set KEY=VALUE (e.g. --set features=20)")
         key, value = pair.split("=", 1)
+        if not key.strip():
+            raise SpecError(f"--set {pair!r} has an empty key; write --set KEY=VALUE (e.g. --set features=20)")
         out[key.strip()] = value.strip()
     return out
 

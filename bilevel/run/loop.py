@@ -5,14 +5,17 @@ One process (``bilevel run ...``) or many (``accelerate launch --num_processes N
 what Accelerate provides: the device, a ``ctx.map`` that deals independent work (sub-problems, CMA-ES
 candidates) round-robin to the processes and gathers it back in order, ``accelerator.reduce`` of the
 gradient (identical copies stay identical; per-process shards become their mean) and of the metrics; and
-it adds the run folder, the trackers, the progress bar and checkpoints.
+it adds the run folder (one run per folder, locked for the whole run, see :mod:`bilevel.run.rundir`), the
+trackers, the progress bar and checkpoints.
 
 Models are never ``prepare``d (DDP wrappers break torch.func transforms); params dicts live on
 ``accelerator.device`` and gradients from torch.func are reduced explicitly.
 """
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,23 +24,27 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..context import RunContext
+from ..divergence import DEFAULT_FACTOR, DEFAULT_WINDOW, check_divergence_options
 from ..outer import OuterLoop
-from ..solvers import normalize_spec
-from . import artifacts
-from .checkpoint import CheckpointError, find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from . import artifacts, rundir
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 
-OPTIONAL_TRACKERS = ("tensorboard", "wandb", "mlflow")
-LOOP_STATE = ("step", "outer", "optimizer", "inner", "solver_state")  # OuterLoop.state_dict()
+OPTIONAL_TRACKERS = tuple(rundir.TRACKER_PACKAGES)
 
 
 @dataclass
 class RunSpec:
-    """Everything that defines a run besides the problem's Config."""
+    """Everything that defines a run besides the problem's Config.
+
+    ``out`` holds one run: ``resume`` continues it from its newest checkpoint (same settings; a larger
+    ``steps`` is allowed), ``overwrite`` deletes its files and starts over; with neither, a folder that
+    holds a run is refused (:mod:`bilevel.run.rundir`).
+    """
 
     problem: str
     solver: Optional[str]
@@ -45,12 +52,15 @@ class RunSpec:
     seed: int = 0
     out: str = "runs/default"
     resume: bool = False
+    overwrite: bool = False
     checkpoint_every: int = 0
     cpu: bool = False
     mixed_precision: str = "no"
     log_with: Sequence[str] = ()
     progress: bool = True
     keep_checkpoints: int = 2
+    divergence_factor: Optional[float] = DEFAULT_FACTOR  # OuterLoop's divergence guard (0/None: off)
+    divergence_window: int = DEFAULT_WINDOW
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,27 +105,75 @@ def _mean_metrics(per_process: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([float(m[k]) for m in per_process])) for k in sorted(keys)}
 
 
-def _kept(run_dir: Path) -> str:
-    last = latest_checkpoint(run_dir)
-    return f"the last good checkpoint is {last}" if last else "no checkpoint was written (use --checkpoint-every K)"
+def _kept(run_dir: Path, failed_step: int) -> str:
+    """The hint of a guard error: the newest checkpoint from before ``failed_step`` (a checkpoint ``step-s``
+    holds the params that step ``s`` evaluates, so ``step-<failed_step>`` holds the ones that tripped)."""
+    good = [p for p in list_checkpoints(run_dir) if int(p.name.split("-")[1]) < failed_step]
+    if good:
+        return f"the last good checkpoint is {good[-1]}"
+    return "no checkpoint from before that step was written (use --checkpoint-every K)"
 
 
 def run(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str, Any]) -> Optional[dict[str, float]]:
     """Run ``spec.steps`` outer steps of the problem ``module`` with config ``cfg``.
 
+    Before Accelerate starts, the arguments are checked and the main process locks the run folder and
+    decides what this run may do there (:mod:`bilevel.run.rundir`); the other processes learn its decision
+    once Accelerate is up, so a refusal makes every process raise the same error. Nothing is written
+    until every process has built the problem and accepted the checkpoint being resumed.
+
     Returns the problem's final evaluation on the main process, None on the others.
     """
-    run_dir = Path(spec.out)
-    for name in spec.log_with:
-        if name not in OPTIONAL_TRACKERS:
-            raise ValueError(f"--log-with {name!r}: valid trackers are {', '.join(OPTIONAL_TRACKERS)}")
-    resume_path = find_resume_checkpoint(run_dir) if spec.resume else None
-    payload = load_checkpoint(resume_path) if resume_path is not None else None
-    start = int(payload["step"]) if payload is not None else 0
+    rundir.check_run_arguments(steps=spec.steps, checkpoint_every=spec.checkpoint_every, seed=spec.seed,
+                               out=spec.out, resume=spec.resume, overwrite=spec.overwrite, log_with=spec.log_with,
+                               keep_checkpoints=spec.keep_checkpoints)
+    check_divergence_options(spec.divergence_factor, spec.divergence_window)
+    process_index, num_processes = rundir.launch_layout()
+    solver = spec.solver if spec.solver is not None else getattr(module, "DEFAULT_SOLVER", rundir.UNKNOWN)
+    settings = rundir.RunSettings(problem=spec.problem, solver=solver, seed=spec.seed, processes=num_processes,
+                                  mixed_precision=spec.mixed_precision, config=config_table)
+    folder = rundir.RunFolder(spec.out)
+    opening: Optional[rundir.Opening] = None
+    refusal: Optional[BaseException] = None
+    if process_index == 0:  # only the main process locks, reads the folder's state and writes
+        try:
+            opening = folder.open(resume=spec.resume, overwrite=spec.overwrite, settings=settings, steps=spec.steps)
+        except Exception as err:
+            if num_processes == 1:
+                raise
+            refusal = err  # the other processes are waiting for the decision: tell them first
+    try:
+        return _run_in_folder(spec, module, cfg, config_table, folder, opening, refusal)
+    finally:
+        folder.close()
 
-    tracker = artifacts.JSONLTracker(run_dir, resume_step=start if payload is not None else None)
+
+def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str, Any], folder: rundir.RunFolder,
+                   opening: Optional[rundir.Opening], refusal: Optional[BaseException]) -> Optional[dict[str, float]]:
+    run_dir = Path(spec.out)
+    tracker = artifacts.JSONLTracker(run_dir)
     accelerator = Accelerator(cpu=spec.cpu, mixed_precision=spec.mixed_precision,
                               log_with=[tracker, *spec.log_with], project_dir=str(run_dir))
+    if accelerator.num_processes > 1:  # the main process's decision, for every process
+        decision = [refusal, opening.resume_path if opening is not None else None]
+        broadcast_object_list(decision, from_process=0)
+        refusal, resume_path = decision
+    else:
+        resume_path = opening.resume_path if opening is not None else None
+    if refusal is not None:
+        # leave together: torchrun stops the remaining processes as soon as one exits, so a process that
+        # lags behind would be killed instead of exiting with the refusal
+        accelerator.wait_for_everyone()
+        raise refusal
+    if resume_path is None:
+        payload = None
+    elif opening is not None and opening.payload is not None:
+        payload = opening.payload
+    else:
+        payload = load_checkpoint(resume_path)
+    start = int(payload["step"]) if payload is not None else 0
+    tracker.resume_step = start if payload is not None else None
+
     set_seed(spec.seed)
     ctx = RunContext(solver_spec=spec.solver, seed=spec.seed, device=accelerator.device,
                      num_processes=accelerator.num_processes, process_index=accelerator.process_index,
@@ -130,14 +188,25 @@ def run(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str, Any]) -> O
         return _mean_metrics(gather_object([metrics])) if accelerator.num_processes > 1 else metrics
 
     loop = OuterLoop(declaration, spec.solver, ctx, name=f"problem {spec.problem!r}", reduce=reduce,
-                     gather_metrics=gather)
+                     gather_metrics=gather, divergence_factor=spec.divergence_factor,
+                     divergence_window=spec.divergence_window)
+    settings = rundir.RunSettings(problem=spec.problem, solver=loop.solver_spec, seed=spec.seed,
+                                  processes=accelerator.num_processes, mixed_precision=spec.mixed_precision,
+                                  config=config_table)
     if payload is not None:  # before anything is written: a refused resume changes nothing on disk
-        _restore(payload, resume_path, spec, loop.solver_spec, config_table, accelerator, loop)
+        _restore(payload, resume_path, spec, settings, accelerator, loop)
+    accelerator.wait_for_everyone()  # every process built the problem and took the checkpoint: now write
     if accelerator.is_main_process:
+        folder.commit()
+        if spec.overwrite and opening is not None and opening.previous:
+            deleted, kept = rundir.delete_previous_run(run_dir)
+            note = f"bilevel run: --overwrite: deleted the previous run's {', '.join(deleted)} in {run_dir}"
+            print(note + (f"; kept files it did not write: {', '.join(kept)}" if kept else ""), file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     resolved = {"problem": spec.problem, "solver": loop.solver_spec, "steps": spec.steps, "seed": spec.seed,
                 "processes": accelerator.num_processes, "mixed_precision": spec.mixed_precision,
+                "divergence_factor": spec.divergence_factor, "divergence_window": spec.divergence_window,
                 "config": config_table}
     accelerator.init_trackers(run_dir.name or "run", config={k: str(v) for k, v in resolved.items()})
     if accelerator.is_main_process:
@@ -156,8 +225,15 @@ def run(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str, Any]) -> O
             _checkpoint(spec, loop, accelerator, run_dir, config_table)
         clock[0] = time.perf_counter()
 
-    loop.run(spec.steps, on_step=on_step, error_hint=lambda: _kept(run_dir))
-    bar.close()
+    try:
+        loop.run(spec.steps, on_step=on_step, error_hint=lambda: _kept(run_dir, loop.step))
+    except BaseException:
+        for opened in accelerator.trackers:  # flush what the extra trackers hold (metrics.jsonl is on disk)
+            with contextlib.suppress(Exception):  # the run's own error is the one to report
+                opened.finish()
+        raise
+    finally:
+        bar.close()
 
     final = loop.evaluate()
     if accelerator.is_main_process:
@@ -178,30 +254,25 @@ def _checkpoint(spec: RunSpec, loop: OuterLoop, accelerator: Accelerator, run_di
     per_process = gather_object([{"rng": rng_state()}])
     if accelerator.is_main_process:
         payload = {**_to(loop.state_dict(), "cpu"), "problem": spec.problem, "solver": loop.solver_spec,
-                   "seed": spec.seed, "num_processes": accelerator.num_processes, "config": config_table,
-                   "processes": per_process}
+                   "seed": spec.seed, "num_processes": accelerator.num_processes,
+                   "mixed_precision": spec.mixed_precision, "config": config_table, "processes": per_process}
         save_checkpoint(run_dir, loop.step, payload, keep=spec.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
-def _restore(payload: dict, path: Path, spec: RunSpec, solver: Optional[str], config_table: dict[str, Any],
-             accelerator: Accelerator, loop: OuterLoop) -> None:
-    """Load the checkpoint into ``loop`` after checking it was written by a run with the same settings."""
-    saved_solver = payload.get("solver")
-    same_solver = saved_solver == solver or (saved_solver is not None and solver is not None
-                                             and normalize_spec(saved_solver) == normalize_spec(solver))
-    differ = [f"solver: {saved_solver!r} → {solver!r}"] if not same_solver else []
-    for key, now in (("problem", spec.problem), ("seed", spec.seed), ("num_processes", accelerator.num_processes)):
-        if payload.get(key) != now:
-            differ.append(f"{key}: {payload.get(key)!r} → {now!r}")
-    saved_config = payload.get("config", {})
-    differ += [f"{k}: {saved_config.get(k)!r} → {v!r}" for k, v in config_table.items() if saved_config.get(k) != v]
-    if differ:
-        raise CheckpointError(f"--resume: checkpoint {path} was written with other settings ({'; '.join(differ)}); "
-                              "resume with the settings the run was started with, or start a fresh run in a new "
-                              "folder")
+def _restore(payload: dict, path: Path, spec: RunSpec, settings: rundir.RunSettings, accelerator: Accelerator,
+             loop: OuterLoop) -> None:
+    """Load the checkpoint into ``loop`` after checking it was written by a run with the same settings.
+
+    The main process checked the settings before Accelerate started, with the solver as far as it was known
+    then; this repeats the check on every process with the solver the loop resolved (the problem's default
+    when the run names none), so that all processes refuse together.
+    """
+    rundir.check_resume(payload, path, settings, spec.steps)
     try:
-        loop.load_state_dict(_to({k: payload[k] for k in LOOP_STATE}, accelerator.device))
-    except ValueError as err:
-        raise CheckpointError(f"--resume: checkpoint {path} does not fit this problem: {err}") from err
+        # the keys the loop's own state_dict has (the loop, not this module, says what its state is)
+        loop.load_state_dict(_to({k: payload[k] for k in loop.state_dict() if k in payload}, accelerator.device))
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"--resume: checkpoint {path} does not fit this problem: {err}; resume it with the "
+                              "problem and settings it was written with, or start over with --overwrite") from err
     set_rng_state(payload["processes"][accelerator.process_index]["rng"])

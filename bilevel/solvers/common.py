@@ -1,15 +1,22 @@
 """Helpers shared by the hypergradient solvers."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.func import grad
 from torch.utils import _pytree as pytree
 
+from .. import tree
+from ..autodiff import any_batched
+from ..errors import ZeroHypergradientWarning
 from ..inner import batch_at
 from ..tree import Params
 from ..types import Batch, BilevelProblem
+
+GENERIC_ZERO_REASON = "the outer params do not influence the outer loss through the inner problem at this point"
 
 
 def detach_state(state: Any) -> Any:
@@ -71,3 +78,48 @@ def float_leaves(state: Any) -> list[Tensor]:
 def zeros_like_leaves(leaves: list[Tensor]) -> list[Tensor]:
     """Zeros shaped like each leaf."""
     return [torch.zeros_like(x) for x in leaves]
+
+
+def inner_gradient_norm(problem: BilevelProblem, theta: Params, phi: Params, batch: Batch) -> Tensor:
+    """‖∇θG(θ, φ)‖ on ``batch`` (one gradient), in full precision even under autocast."""
+    device_type = next(iter(theta.values())).device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        return tree.norm(grad(problem.inner)(theta, phi, batch)).detach()
+
+
+def stationarity(norm_k: Tensor, norm_0: Tensor) -> dict[str, float | Tensor]:
+    """The inner stationarity a solver differentiated at, as diagnostics.
+
+    ``inner_grad_norm`` = ‖∇θG(θ_K, φ)‖ and ``inner_grad_norm_rel`` = ‖∇θG(θ_K, φ)‖ / ‖∇θG(θ_0, φ)‖, both
+    on the same batch (θ_0: the inner params the call started from). A start that is already stationary
+    (‖∇θG(θ_0)‖ = 0) gives 0 when θ_K is stationary too.
+    """
+    rel = norm_k / torch.clamp(norm_0, min=torch.finfo(norm_0.dtype).tiny)
+    return {"inner_grad_norm": scalar(norm_k), "inner_grad_norm_rel": scalar(rel)}
+
+
+def unrolled_stationarity(problem: BilevelProblem, theta_0: Params, theta_k: Params, phi: Params,
+                          inner_batch: Batch | Callable[[int], Batch], steps: int) -> dict[str, float | Tensor]:
+    """:func:`stationarity` of a solver that differentiates the K-step loop itself (unroll, forward, onestep).
+
+    Both gradients are taken on the batch of the last inner step, ``inner_batch(K − 1)`` (the only batch
+    for full-batch training): the loop's own objective at its end. Costs two gradients.
+    """
+    batch = batch_at(inner_batch, max(steps - 1, 0))
+    return stationarity(inner_gradient_norm(problem, theta_k, phi, batch),
+                        inner_gradient_norm(problem, theta_0, phi, batch))
+
+
+def warn_if_zero_hypergradient(hypergrad: Params, solver: str, reason: str = GENERIC_ZERO_REASON) -> None:
+    """Warn with :class:`ZeroHypergradientWarning` when every entry of ``hypergrad`` is exactly 0.
+
+    A true hypergradient is essentially never exactly zero in floating point; an exact zero means the outer
+    params had no path to the outer loss at this point (``reason`` says the likely one). Skipped under vmap
+    (no host read) and for empty outer params.
+    """
+    values = list(hypergrad.values())
+    if not values or any_batched(values) or sum(v.numel() for v in values) == 0:
+        return
+    if all(bool((v == 0).all()) for v in values):
+        warnings.warn(f"solver {solver} returned a hypergradient that is exactly zero in every entry: {reason}.",
+                      ZeroHypergradientWarning, stacklevel=4)

@@ -7,6 +7,9 @@ forward with the iterates, giving the exact derivative of the K-step loop
 
 with memory independent of K (no trajectory is stored) and cost growing with dim(φ): the loop is rerun
 once per chunk of ``chunk_size`` directions, the directions of a chunk vmapped together.
+Diagnostics: ``inner_grad_norm`` = ‖∇θG(θ_K, φ)‖ and ``inner_grad_norm_rel`` (divided by ‖∇θG(θ_0, φ)‖),
+both on the batch of the last inner step (two extra gradients); reported, not warned about, since the
+derivative of the K-step loop does not assume stationarity.
 Reference: Franceschi et al., "Forward and Reverse Gradient-Based Hyperparameter Optimization",
 arXiv:1703.01785.
 """
@@ -22,7 +25,7 @@ from .. import tree
 from ..autodiff import is_batched
 from ..inner import raise_if_nonfinite
 from ..types import HypergradResult
-from .common import last, scalar
+from .common import last, scalar, unrolled_stationarity, warn_if_zero_hypergradient
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,10 @@ class Forward:
         chunks = len(flat_grad)
         diagnostics = {
             "inner_loss": last(losses), "outer_loss": scalar(value), "inner_steps": float(loop.steps),
-            "hvp_count": float(loop.steps * n), "evaluations": float(loop.steps * chunks),
-            "chunks": float(chunks),
+            "hvp_count": float(loop.steps * n), "evaluations": float(loop.steps * chunks + 2),
+            "chunks": float(chunks), **unrolled_stationarity(problem, theta0, theta_k, phi, inner_batch, loop.steps),
         }
+        warn_if_zero_hypergradient(hypergrad, "Forward")
         return HypergradResult(hypergrad, theta_k, diagnostics, None)
 
 

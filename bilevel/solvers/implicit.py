@@ -11,23 +11,37 @@ Hessian-vector products. ``damping`` δ > 0 is Tikhonov damping (equivalently a 
 well-posed when H at a trained network is slightly indefinite, at the price of a biased hypergradient
 (bias O(δ/λ_min) on each eigen-direction). ``relative_damping=true`` reads δ as a multiple of the
 power-iteration estimate of λ_max(H), which makes one setting work across loss scales.
-Cost: the inner loop, one outer gradient, one HVP per matvec of the linear solver, one mixed vjp
-(+ ``power_iterations`` HVPs for relative damping or ``alpha=auto``). Memory: independent of the number
-of inner steps. References: Pedregosa, arXiv:1602.02355 (CG); Lorraine et al., arXiv:1911.02590
-(Neumann); Grazzi et al., arXiv:2006.16218 (fixed point).
+Cost: the inner loop, one outer gradient, one HVP per matvec of the linear solver (including the one
+that measures the true residual), one mixed vjp (+ ``power_iterations`` HVPs for relative damping or
+``alpha=auto``), and one inner gradient at θ_0 for the stationarity diagnostic (two with ``hvp=fwdrev``).
+Memory: independent of the number of inner steps.
+
+Diagnostics never lie: besides the linear solve's true ``residual`` and ``converged`` (NaN under vmap,
+where it cannot be known), every call reports the stationarity it differentiated at,
+``inner_grad_norm`` = ‖∇θG(θ_K, φ)‖ and ``inner_grad_norm_rel`` = ‖∇θG(θ_K, φ)‖ / ‖∇θG(θ_0, φ)‖, both on
+the Hessian batch ``inner_batch(K)``, and warns (:class:`~bilevel.errors.StationarityWarning`) when the
+ratio exceeds ``stationarity_rtol``: the IFT's premise ∇θG = 0 does not hold there. With a warm-started
+θ_0 the ratio is taken against an already small start gradient, so it reads higher than from a fresh start.
+
+References: Pedregosa, arXiv:1602.02355 (CG); Lorraine et al., arXiv:1911.02590 (Neumann); Grazzi et al.,
+arXiv:2006.16218 (fixed point).
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch.func import grad, vjp
 
 from .. import linsolve, tree
 from ..autodiff import HVP_MODES, hvp_operator, mixed_vjp, value_and_grads
+from ..errors import StationarityWarning
+from ..tree import Params
 from ..types import HypergradResult
-from .common import hessian_batch, inner_fn, last, outer_fn, scalar
+from .common import hessian_batch, inner_fn, last, outer_fn, scalar, stationarity, warn_if_zero_hypergradient
 
 POWER_ITERATIONS = 20
 
@@ -47,6 +61,10 @@ class Implicit:
         damping: δ ≥ 0 added to the Hessian (see the module docstring).
         relative_damping: read ``damping`` as a multiple of λ̂_max(H), estimated with the linear solver's
             ``power_iterations`` (or :data:`POWER_ITERATIONS` for solvers without that option) HVPs.
+        stationarity_rtol: warn with :class:`~bilevel.errors.StationarityWarning` when
+            ‖∇θG(θ_K, φ)‖ / ‖∇θG(θ_0, φ)‖ on the Hessian batch exceeds it (0: never warn; nor with
+            ``InnerLoop(steps=0)``, where the ratio is 1 by construction). The default 1e-3 asks the inner
+            loop to have removed 99.9 % of the initial gradient norm.
     """
 
     linsolve: Any = linsolve.CG()
@@ -54,6 +72,7 @@ class Implicit:
     warm_start: bool = True
     damping: float = 0.0
     relative_damping: bool = False
+    stationarity_rtol: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.hvp not in HVP_MODES:
@@ -65,6 +84,9 @@ class Implicit:
                              "use warm_start=false")
         if not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if not self.stationarity_rtol >= 0:
+            raise ValueError(f"stationarity_rtol must be >= 0 (0 switches the stationarity warning off), "
+                             f"got {self.stationarity_rtol}")
 
     def init(self, problem, inner, outer) -> Any:
         return None
@@ -74,8 +96,8 @@ class Implicit:
             raise ValueError(
                 f"implicit solvers differentiate the stationarity of inner_loss, but InnerLoop.weight_decay="
                 f"{loop.weight_decay} moves the loop's fixed point away from it; put the L2 term in inner_loss.")
-        phi = tree.detach(outer)
-        theta, _, losses = loop.run(problem, tree.detach(inner), phi, inner_batch)
+        phi, theta_0 = tree.detach(outer), tree.detach(inner)
+        theta, _, losses = loop.run(problem, theta_0, phi, inner_batch)
         theta = tree.detach(theta)
         # Mixed-precision policy: the inner loop may run under autocast, but the gradients at the solution,
         # the Hessian-vector products and the linear solve run in full precision (a bf16 HVP has ~3
@@ -84,7 +106,8 @@ class Implicit:
         with torch.autocast(device_type=device_type, enabled=False):
             g_fn = inner_fn(problem, hessian_batch(inner_batch, loop.steps))
             f_value, g_theta, g_phi = value_and_grads(outer_fn(problem, outer_batch), theta, phi)
-            hessian = hvp_operator(lambda t: g_fn(t, phi), theta, self.hvp)
+            hessian, grad_k, gradients = self._hessian_and_gradient(lambda t: g_fn(t, phi), theta)
+            norm_0 = tree.norm(grad(g_fn)(theta_0, phi)).detach()  # the start, on the same batch
             solver, delta, lam, extra_hvps = self._damped(hessian, g_theta)
             matvec = hessian if not delta else (lambda v: tree.axpy(delta, v, hessian(v)))
             x0 = state if (self.warm_start and state is not None) else None
@@ -92,8 +115,10 @@ class Implicit:
             hypergrad = tree.sub(g_phi, mixed_vjp(g_fn, theta, phi, x))
         diagnostics = {
             "inner_loss": last(losses), "outer_loss": scalar(f_value), "inner_steps": float(loop.steps),
-            "hvp_count": float(info.matvecs + extra_hvps), "evaluations": float(loop.steps),
-            "residual": info.residual, "iterations": float(info.iterations), "converged": float(info.converged),
+            "hvp_count": float(info.matvecs + extra_hvps), "evaluations": float(loop.steps + 1 + gradients),
+            "residual": info.residual, "iterations": float(info.iterations),
+            "converged": float("nan") if info.converged is None else float(info.converged),
+            **stationarity(tree.norm(grad_k).detach(), norm_0),
         }
         if delta:
             diagnostics["damping"] = scalar(delta)
@@ -101,8 +126,41 @@ class Implicit:
             diagnostics["alpha"] = scalar(info.alpha)
         if lam is not None or info.lambda_max is not None:
             diagnostics["lambda_max"] = scalar(lam if lam is not None else info.lambda_max)
-        return HypergradResult(tree.detach(hypergrad), theta, diagnostics,
-                               tree.detach(x) if self.warm_start else None)
+        self._warn_if_not_stationary(diagnostics, loop.steps)
+        hypergrad = tree.detach(hypergrad)
+        warn_if_zero_hypergradient(hypergrad, f"Implicit({type(self.linsolve).__name__})")
+        return HypergradResult(hypergrad, theta, diagnostics, tree.detach(x) if self.warm_start else None)
+
+    def _hessian_and_gradient(self, g: Callable[[Params], torch.Tensor], theta: Params
+                              ) -> tuple[Callable[[Params], Params], Params, int]:
+        """The matvec v ↦ Hv at θ_K, the gradient ∇θG(θ_K), and how many extra gradients that cost.
+
+        ``auto``/``revrev`` linearise ∇G once with ``vjp`` (as :func:`~bilevel.autodiff.hvp_operator`
+        does); its primal output is ∇θG(θ_K) itself, so the stationarity check costs nothing there.
+        ``fwdrev`` keeps no linearisation and spends one gradient.
+        """
+        if self.hvp == "fwdrev":
+            return hvp_operator(g, theta, "fwdrev"), grad(g)(theta), 1
+        gradient, vjp_fn = vjp(grad(g), theta)
+        return (lambda v: vjp_fn(v)[0]), tree.detach(gradient), 0
+
+    def _warn_if_not_stationary(self, diagnostics: dict, steps: int) -> None:
+        """Warn when ‖∇θG(θ_K)‖ / ‖∇θG(θ_0)‖ > stationarity_rtol (outside vmap, where it can be read).
+
+        With no inner step θ_K = θ_0 and the ratio is 1 by construction: it says nothing (the caller chose
+        the point, e.g. a known solution), so only ``inner_grad_norm`` is reported then.
+        """
+        rel, norm = diagnostics["inner_grad_norm_rel"], diagnostics["inner_grad_norm"]
+        if (not isinstance(rel, float) or not steps or not self.stationarity_rtol
+                or not rel > self.stationarity_rtol):
+            return
+        warnings.warn(
+            f"implicit differentiation at a non-stationary inner point: after {steps} inner steps "
+            f"‖∇θG(θ_K)‖ = {norm:.3g}, {rel:.3g} of its start value, > stationarity_rtol={self.stationarity_rtol:g} "
+            "(on the Hessian batch). The implicit function theorem assumes ∇θG(θ_K) = 0, so this hypergradient "
+            "is biased: run more inner steps (or raise the inner lr, or warm-start the inner params), or use an "
+            "unrolled solver (unroll, forward), which differentiates the K-step loop as it is; "
+            "stationarity_rtol=0 switches this warning off.", StationarityWarning, stacklevel=4)
 
     def _damped(self, hessian, like):
         """The linear solver to use, δ, λ̂_max(H) (or None) and the HVPs spent estimating it.

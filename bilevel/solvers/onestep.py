@@ -10,8 +10,16 @@ From a warm start θ (the model being trained online, never reset) take one diff
 
 The returned ``inner`` is θ', and the state carries the inner optimiser state, so repeated calls train the
 model online. Cost: one inner gradient plus one backward through it (exact), or two extra mixed gradients
-(finite_difference). References: Liu et al. (DARTS), arXiv:1806.09055; Bechtle et al. (ML3),
-arXiv:1906.05374; Raymond et al. (AdaLFL), arXiv:2301.13247.
+(finite_difference), plus two inner gradients for the diagnostics ``inner_grad_norm`` = ‖∇θG(θ', φ)‖ and
+``inner_grad_norm_rel`` = ‖∇θG(θ', φ)‖ / ‖∇θG(θ, φ)‖, both on the step's batch.
+
+dθ'/dφ = −η ∂²G/∂φ∂θ(θ) depends on θ: under a multiplicative penalty such as exp(φ)·θ², it vanishes at
+θ = 0, and a one-step lookahead from all-zero weights returns an exactly zero hypergradient. The
+differentiating solvers (implicit, unroll, forward, onestep) warn with
+:class:`~bilevel.errors.ZeroHypergradientWarning` and the likely reason when they return an exact zero.
+
+References: Liu et al. (DARTS), arXiv:1806.09055; Bechtle et al. (ML3), arXiv:1906.05374; Raymond et al.
+(AdaLFL), arXiv:2301.13247.
 """
 from __future__ import annotations
 
@@ -24,9 +32,17 @@ from .. import tree
 from ..autodiff import value_and_grads
 from ..inner import batch_at
 from ..types import HypergradResult
-from .common import detach_state, inner_fn, outer_fn, scalar
+from .common import detach_state, inner_fn, outer_fn, scalar, unrolled_stationarity, warn_if_zero_hypergradient
 
 MODES = ("exact", "finite_difference", "first_order")
+ZERO_REASONS = {
+    "exact": "the outer params reach F only through the inner step, and dθ'/dφ = −η ∂²G/∂φ∂θ vanishes at these "
+             "inner params (e.g. all-zero weights under a multiplicative penalty such as exp(φ)·w²): start from "
+             "a warm, trained θ",
+    "first_order": "mode=first_order drops dθ'/dφ and returns ∇φF(θ', φ) alone, which is zero when the outer "
+                   "params enter only the inner loss: use mode=exact",
+}
+ZERO_REASONS["finite_difference"] = ZERO_REASONS["exact"]
 
 
 @dataclass(frozen=True)
@@ -57,11 +73,14 @@ class OneStep:
             value, g_theta, hypergrad = value_and_grads(outer_fn(problem, outer_batch), theta_new, phi)
             if self.mode == "finite_difference":
                 hypergrad = tree.sub(hypergrad, self._second_order(problem, theta, phi, batch, g_theta, loop))
+        theta_new = tree.detach(theta_new)
         diagnostics = {"inner_loss": scalar(loss), "outer_loss": scalar(value), "inner_steps": 1.0,
                        "hvp_count": 1.0 if self.mode == "exact" else 0.0,
-                       "evaluations": 3.0 if self.mode == "finite_difference" else 1.0}
-        return HypergradResult(tree.detach(hypergrad), tree.detach(theta_new), diagnostics,
-                               detach_state(new_state))
+                       "evaluations": (3.0 if self.mode == "finite_difference" else 1.0) + 2.0,
+                       **unrolled_stationarity(problem, theta, theta_new, phi, inner_batch, 1)}
+        hypergrad = tree.detach(hypergrad)
+        warn_if_zero_hypergradient(hypergrad, f"OneStep(mode={self.mode!r})", ZERO_REASONS[self.mode])
+        return HypergradResult(hypergrad, theta_new, diagnostics, detach_state(new_state))
 
     def _second_order(self, problem, theta, phi, batch, v, loop):
         """η (∂²G/∂φ∂θ)ᵀ v by central differences of ∇_φ G along v (DARTS eq. 8)."""

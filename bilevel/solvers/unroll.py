@@ -17,6 +17,9 @@ differentiated step by step with ``torch.func.vjp``:
 Memory O((T/segment + segment)·|θ|) instead of O(T · activations); about twice the compute.
 ``torch.utils.checkpoint`` cannot be used: torch.func transforms refuse saved-tensor hooks, which
 non-reentrant checkpointing needs, and the reentrant kind cannot serve ``autograd.grad``.
+Diagnostics: ``inner_grad_norm`` = ‖∇θG(θ_K, φ)‖ and ``inner_grad_norm_rel`` (divided by ‖∇θG(θ_0, φ)‖),
+both on the batch of the last inner step (two extra gradients). The unrolled derivative does not assume
+stationarity, so they are reported, never warned about.
 Reference for ITD: Maclaurin et al., arXiv:1502.03492; Franceschi et al., arXiv:1703.01785.
 """
 from __future__ import annotations
@@ -33,7 +36,8 @@ from ..autodiff import value_and_grads
 from ..inner import batch_at, raise_if_nonfinite
 from ..autodiff import is_batched
 from ..types import HypergradResult
-from .common import detach_state, last, outer_fn, scalar, split_float_leaves, zeros_like_leaves
+from .common import (detach_state, last, outer_fn, scalar, split_float_leaves, unrolled_stationarity,
+                     warn_if_zero_hypergradient, zeros_like_leaves)
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,8 @@ class Unroll:
         steps = loop.steps
         differentiated = steps if self.truncate == 0 else min(self.truncate, steps)
         start = steps - differentiated
-        phi = tree.detach(outer)
-        theta, opt_state, prefix_losses = loop.run(problem, tree.detach(inner), phi, inner_batch, steps=start)
+        phi, theta_0 = tree.detach(outer), tree.detach(inner)
+        theta, opt_state, prefix_losses = loop.run(problem, theta_0, phi, inner_batch, steps=start)
         theta, opt_state = tree.detach(theta), detach_state(opt_state)
         if self.checkpoint:
             hypergrad, theta_k, value, losses = self._adjoint(problem, theta, opt_state, phi, inner_batch,
@@ -81,9 +85,13 @@ class Unroll:
         diagnostics = {
             "inner_loss": last(all_losses), "outer_loss": scalar(value), "inner_steps": float(steps),
             "differentiated_steps": float(differentiated),
-            "hvp_count": float(differentiated), "evaluations": float(steps + (differentiated if self.checkpoint else 0)),
+            "hvp_count": float(differentiated),
+            "evaluations": float(steps + (differentiated if self.checkpoint else 0) + 2),
+            **unrolled_stationarity(problem, theta_0, theta_k, phi, inner_batch, steps),
         }
-        return HypergradResult(tree.detach(hypergrad), theta_k, diagnostics, None)
+        hypergrad = tree.detach(hypergrad)
+        warn_if_zero_hypergradient(hypergrad, "Unroll")
+        return HypergradResult(hypergrad, theta_k, diagnostics, None)
 
     def _adjoint(self, problem, theta, opt_state, phi, inner_batch, outer_batch, loop, start, count):
         segment = self.segment or max(1, math.ceil(math.sqrt(max(count, 1))))

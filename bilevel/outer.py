@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch.func import grad_and_value
@@ -31,7 +31,7 @@ from .declare import Declaration, Nested, SingleLevel, StepInfo, SubProblem
 from .divergence import DEFAULT_FACTOR, DEFAULT_WINDOW, DivergenceGuard
 from .errors import NonFiniteError, SpecError
 from .inner import batch_at
-from .solvers import make_solver, name_of, solver_kind
+from .solvers import make_solver, solver_kind
 from .solvers.registry import parse_spec
 from .context import RunContext, local_context
 from .tree import Params
@@ -378,10 +378,4 @@ def run_locally(declaration: Declaration, steps: int, solver: Optional[str] = No
     return tree.detach(loop.outer), history, loop
 
 
-def iterate_solvers(declaration: Nested) -> Iterable[str]:
-    """The registered solver names whose kind applies to ``declaration``."""
-    from .solvers import SOLVERS
-    return [n for n in SOLVERS if solver_kind(n) in declaration.solvers]
-
-
-__all__ = ["OuterLoop", "run_locally", "resolve_solver", "make_outer_optimizer", "joint_subproblem", "name_of"]
+__all__ = ["OuterLoop", "run_locally", "resolve_solver", "make_outer_optimizer", "joint_subproblem"]

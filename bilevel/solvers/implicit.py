@@ -37,7 +37,7 @@ import torch
 from torch.func import grad, vjp
 
 from .. import linsolve, tree
-from ..autodiff import HVP_MODES, hvp_operator, mixed_vjp, value_and_grads
+from ..autodiff import HVP_MODES, hvp_operator, is_batched, mixed_vjp, value_and_grads
 from ..errors import StationarityWarning
 from ..tree import Params
 from ..types import HypergradResult
@@ -172,14 +172,9 @@ class Implicit:
             return self.linsolve, self.damping, None, 0
         iterations = getattr(self.linsolve, "power_iterations", POWER_ITERATIONS)
         lam = linsolve.power_iteration(hessian, like, iterations)
-        lam_value = lam if torch.is_tensor(lam) and not _host_readable(lam) else float(lam)
+        lam_value = lam if is_batched(lam) else float(lam)
         delta = self.damping * abs(lam_value)
         solver = self.linsolve
         if getattr(solver, "alpha", None) == linsolve.AUTO:
             solver = dataclasses.replace(solver, alpha=1.0 / (abs(lam_value) + delta))
         return solver, delta, lam_value, iterations
-
-
-def _host_readable(t: torch.Tensor) -> bool:
-    from ..autodiff import is_batched
-    return not is_batched(t)

@@ -16,21 +16,10 @@ import pytest
 from bilevel.errors import SpecError
 from bilevel.run import cli, rundir
 
+from processes import snapshot  # noqa: E402
+
 TESTS = Path(__file__).parent
 RUN = ["run", "ridge", "--smoke", "--no-progress"]
-
-
-def snapshot(folder: Path) -> dict:
-    state = {}
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            state[os.path.relpath(os.path.join(root, name), folder) + "/"] = "dir"
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as fh:
-                state[os.path.relpath(path, folder)] = (hashlib.sha256(fh.read()).hexdigest(),
-                                                        os.stat(path).st_mtime_ns)
-    return state
 
 
 @pytest.fixture

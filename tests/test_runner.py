@@ -17,16 +17,9 @@ from safetensors.torch import load_file
 
 from bilevel.run import cli
 
+from processes import LAUNCH_2, env  # noqa: E402
+
 TESTS = Path(__file__).parent
-LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", "0"]
-
-
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), e.get("PYTHONPATH", "")])
-    return e
 
 
 def bilevel_cmd(*args, processes=1):

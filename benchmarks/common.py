@@ -276,9 +276,10 @@ def digits_logreg(steps: int = 200, dtype=torch.float32, seed: int = 0) -> Probl
 def digits_mlp(steps: int = 200, hidden: int = 32, dtype=torch.float32, seed: int = 0) -> Problem:
     """A small nonconvex MLP (64-32-10, tanh) on digits with 64 per-input-pixel L2 penalties on layer 1.
 
-    G = CE(train) + ½ Σ_j exp(φ_j)‖W1[:, j]‖² + ½·10⁻²‖θ‖² (H positive definite at θ_K: with 10⁻³ it is
-    not, λ_min ≈ −9·10⁻⁴, and CG breaks down), F = CE(validation); heavy-ball SGD
-    (lr 0.3, momentum 0.9). No closed form: references are float64 computations (see solvers.py).
+    G = CE(train) + ½ Σ_j exp(φ_j)‖W1[:, j]‖² + ½·10⁻²‖θ‖², F = CE(validation); heavy-ball SGD (lr 0.3,
+    momentum 0.9). H is indefinite at θ_K (λ_min ≈ −2.7·10⁻³ at K = 200 in float64, −2·10⁻⁴ at K = 2000), so
+    implicit solvers need damping (benchmarks/peer_problems.py uses δ = 0.05). No closed form: references are
+    float64 computations (see solvers.py).
     """
     train, val = _digits(seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -327,15 +328,19 @@ def _dot(a, b):
 
 
 def hw_implicit(p: Problem, method: str, *, maxiter: int = 100, rtol: float = 1e-6, alpha: float = 0.01,
-                terms: int = 15) -> dict:
-    """K steps, then IFT with a hand-written linear solve (cg / neumann / fixedpoint / exact)."""
+                terms: int = 15, damping: float = 0.0) -> dict:
+    """K steps, then IFT with a hand-written linear solve (cg / neumann / fixedpoint / exact) of (H + δI)x = ∇θF,
+    δ = ``damping``."""
     phi = {k: v.detach() for k, v in p.outer.items()}
     theta, _ = hw_run(p, p.inner, phi, p.steps)
     f = lambda th, ph: p.outer_loss(th, ph, p.outer_batch)
     (gt, gp) = torch.func.grad(f, argnums=(0, 1))(theta, phi)
     grad_theta = torch.func.grad(p.inner_loss)
     _, hvp_vjp = torch.func.vjp(lambda th: grad_theta(th, phi, p.inner_batch), theta)
-    matvec = lambda v: hvp_vjp(v)[0]
+    if damping:
+        matvec = lambda v: {k: h + damping * v[k] for k, h in hvp_vjp(v)[0].items()}
+    else:
+        matvec = lambda v: hvp_vjp(v)[0]
     if method == "cg":
         x = {k: torch.zeros_like(v) for k, v in gt.items()}
         r = dict(gt)

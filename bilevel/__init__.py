@@ -19,6 +19,7 @@ from .errors import (BilevelError, ConvergenceWarning, DivergenceError, Indefini
 from .inner import InnerLoop
 from .linsolve import CG, Exact, FixedPoint, LinearSolveInfo, Neumann
 from .outer import OuterLoop, make_outer_optimizer, run_locally
+from .paths import AutodiffPathError, autodiff_path
 from .solvers import (CMAES, SOLVERS, Forward, Implicit, OneStep, Unroll, describe_options, make_solver,
                       normalize_spec, solver_kind, solver_options)
 from .transforms import NotDifferentiableError
@@ -37,7 +38,7 @@ __all__ = [
     "Nested", "SingleLevel", "SubProblem", "StepInfo", "Declaration",
     "OuterLoop", "run_locally", "make_outer_optimizer", "RunContext", "local_context",
     "combine_gradients", "conflicts",
-    "hvp", "hvp_operator", "mixed_vjp", "validate_problem", "tree", "linsolve",
+    "hvp", "hvp_operator", "mixed_vjp", "autodiff_path", "validate_problem", "tree", "linsolve",
     "BilevelError", "SpecError", "NonFiniteError", "DivergenceError", "NeumannDivergenceError", "IndefiniteHessianError",
-    "StructureError", "ConvergenceWarning", "StationarityWarning", "ZeroHypergradientWarning", "NotDifferentiableError",
+    "StructureError", "AutodiffPathError", "ConvergenceWarning", "StationarityWarning", "ZeroHypergradientWarning", "NotDifferentiableError",
 ]

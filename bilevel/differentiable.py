@@ -22,6 +22,9 @@ What each route computes, for the record (θ₀ and the batches may also be diff
 - ``onestep:mode=exact``: h(φ) = d/dφ F(θ'(φ), φ) with θ'(φ) = Φ(θ, s, φ) one optimiser step;
   ``mode=first_order``: h(φ) = ∂₂F(θ'(φ), φ), whose derivative still follows θ'(φ).
 
+These routes run on torch.func throughout (``diagnostics["autodiff_path"] == "func"``): it differentiates to
+any order under transforms and autograd alike (:mod:`bilevel.paths`).
+
 Implicit solvers (``cg``, ``neumann``, ``fixedpoint``, ``exact``), ``cmaes``, ``onestep:mode=finite_difference``
 and solvers of other classes have no differentiable route: :func:`refusal` explains why.
 """
@@ -35,6 +38,7 @@ from torch.func import grad, jvp, vmap
 from . import tree
 from .autodiff import is_batched, value_and_grads
 from .inner import InnerLoop, batch_at, raise_if_nonfinite
+from .paths import FUNC
 from .solvers import CMAES, Forward, Implicit, OneStep, Unroll, name_of
 from .solvers.common import detach_state, last, outer_fn, scalar
 from .solvers.forward import _split_rows
@@ -96,11 +100,11 @@ def _unroll(solver: Unroll, problem: BilevelProblem, inner: Params, outer: Param
     steps = loop.steps
     differentiated = steps if solver.truncate == 0 else min(solver.truncate, steps)
     start = steps - differentiated
-    theta, opt_state, prefix_losses = loop.run(problem, inner, outer, inner_batch, steps=start)
+    theta, opt_state, prefix_losses = loop.run(problem, inner, outer, inner_batch, steps=start, path=FUNC)
 
     def objective(p: Params):
         th, _, losses = loop.run(problem, theta, p, inner_batch, steps=differentiated, opt_state=opt_state,
-                                 start=start, check_finite=False)
+                                 start=start, check_finite=False, path=FUNC)
         value = problem.outer(th, p, outer_batch)
         return value, (value, th, losses)
 
@@ -110,14 +114,14 @@ def _unroll(solver: Unroll, problem: BilevelProblem, inner: Params, outer: Param
     all_losses = torch.cat([prefix_losses.to(losses), losses]) if prefix_losses.numel() else losses
     diagnostics = {"inner_loss": last(all_losses), "outer_loss": scalar(value.detach()), "inner_steps": float(steps),
                    "differentiated_steps": float(differentiated), "hvp_count": float(differentiated),
-                   "evaluations": float(steps), "differentiable": 1.0}
+                   "evaluations": float(steps), "differentiable": 1.0, "autodiff_path": FUNC}
     return HypergradResult(hypergrad, tree.detach(theta_k), diagnostics, None)
 
 
 def _forward(solver: Forward, problem: BilevelProblem, inner: Params, outer: Params, inner_batch: Any,
              outer_batch: Batch, loop: InnerLoop, state: Any) -> HypergradResult:
     def objective(p: Params):
-        th, _, losses = loop.run(problem, inner, p, inner_batch, check_finite=False)
+        th, _, losses = loop.run(problem, inner, p, inner_batch, check_finite=False, path=FUNC)
         return problem.outer(th, p, outer_batch), (th, losses)
 
     def directional(tangent: Params):
@@ -141,7 +145,7 @@ def _forward(solver: Forward, problem: BilevelProblem, inner: Params, outer: Par
     hypergrad = tree.unflatten(torch.cat(flat_grad), outer)
     diagnostics = {"inner_loss": last(losses), "outer_loss": scalar(value.detach()), "inner_steps": float(loop.steps),
                    "hvp_count": float(loop.steps * n), "evaluations": float(loop.steps * len(flat_grad)),
-                   "chunks": float(len(flat_grad)), "differentiable": 1.0}
+                   "chunks": float(len(flat_grad)), "differentiable": 1.0, "autodiff_path": FUNC}
     return HypergradResult(hypergrad, tree.detach(theta_k), diagnostics, None)
 
 
@@ -150,14 +154,15 @@ def _onestep(solver: OneStep, problem: BilevelProblem, inner: Params, outer: Par
     batch = batch_at(inner_batch, 0)
     if solver.mode == "exact":
         def objective(p: Params):
-            th, st, loss = loop.step(problem, inner, state, p, batch)
+            th, st, loss = loop.step(problem, inner, state, p, batch, path=FUNC)
             value = problem.outer(th, p, outer_batch)
             return value, (value, th, st, loss)
 
         hypergrad, (value, theta_new, new_state, loss) = grad(objective, has_aux=True)(outer)
     else:  # first_order: the partial ∇_φF at θ'(φ), which still depends on φ through the step
-        theta_new, new_state, loss = loop.step(problem, inner, state, outer, batch)
+        theta_new, new_state, loss = loop.step(problem, inner, state, outer, batch, path=FUNC)
         value, _, hypergrad = value_and_grads(outer_fn(problem, outer_batch), theta_new, outer)
     diagnostics = {"inner_loss": scalar(loss.detach()), "outer_loss": scalar(value.detach()), "inner_steps": 1.0,
-                   "hvp_count": 1.0 if solver.mode == "exact" else 0.0, "evaluations": 1.0, "differentiable": 1.0}
+                   "hvp_count": 1.0 if solver.mode == "exact" else 0.0, "evaluations": 1.0, "differentiable": 1.0,
+                   "autodiff_path": FUNC}
     return HypergradResult(hypergrad, tree.detach(theta_new), diagnostics, detach_state(new_state))

@@ -140,5 +140,6 @@ class DivergenceGuard:
         for name in STATE_KEYS:
             values = [float(v) for v in state[name]]
             if not all(math.isfinite(v) for v in values):
-                raise ValueError(f"the divergence-guard state {name!r} holds a non-finite value: {values}")
+                raise ValueError(f"the divergence-guard state {name!r} holds a non-finite value: {values}; the checkpoint "
+                                 "was altered or damaged: resume from an older one, or start over with --overwrite")
             setattr(self, name, deque(values, maxlen=self.window))

@@ -26,10 +26,26 @@ from torch.func import vmap
 
 from . import tree
 from .autodiff import any_batched
+from .transforms import outside_transforms
 from .errors import IndefiniteHessianError, ConvergenceWarning, NeumannDivergenceError, NonFiniteError
 from .tree import Params
 
 MatVec = Callable[[Params], Params]
+
+
+class Damped:
+    """The matvec v ↦ (H + δI) v of a matvec ``hessian`` and a damping δ ≥ 0.
+
+    Keeps the batched product ``matmat`` of ``hessian`` when it has one (see :class:`Exact`).
+    """
+
+    def __init__(self, hessian: MatVec, delta: float | Tensor) -> None:
+        self.hessian, self.delta = hessian, delta
+        if hasattr(hessian, "matmat"):
+            self.matmat = lambda vectors: tree.axpy(delta, vectors, hessian.matmat(vectors))
+
+    def __call__(self, v: Params) -> Params:
+        return tree.axpy(self.delta, v, self.hessian(v))
 
 
 @dataclass
@@ -64,7 +80,9 @@ def power_iteration(matvec: MatVec, like: Params, iterations: int, seed: int = 0
     if iterations < 1:
         raise ValueError(f"power iteration needs iterations >= 1, got {iterations}")
     gen = torch.Generator().manual_seed(seed)
-    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for k, p in like.items()}
+    specs = [(k, p.shape, p.dtype, p.device) for k, p in like.items()]
+    with outside_transforms():  # vmap refuses random draws; the seeded start is the same for every row anyway
+        v = {k: torch.randn(shape, generator=gen, dtype=dtype).to(device) for k, shape, dtype, device in specs}
     estimate = torch.zeros((), dtype=next(iter(like.values())).dtype)
     for _ in range(iterations):
         v = tree.scale(v, 1.0 / torch.clamp(tree.norm(v), min=torch.finfo(estimate.dtype).tiny))
@@ -106,6 +124,8 @@ def _check_alpha(name: str, alpha: float | str) -> None:
     if isinstance(alpha, str):
         if alpha != AUTO:
             raise ValueError(f"{name}.alpha must be a positive float or 'auto', got {alpha!r}")
+    elif isinstance(alpha, Tensor) and any_batched([alpha]):
+        return  # under vmap (α = 1/(λ̂_max + δ) from relative damping): no host check is possible
     elif not alpha > 0:
         raise ValueError(f"{name}.alpha must be > 0 (or 'auto'), got {alpha}")
 
@@ -371,6 +391,10 @@ class FixedPoint:
 class Exact:
     """Dense direct solve: builds H column by column (n matvecs, vmapped) and calls ``torch.linalg.solve``.
 
+    A matvec with a ``matmat(vectors)`` method (a batch of products in one call, each leaf of shape
+    (n, *leaf.shape); the autograd path's :class:`~bilevel.autodiff.TapeHessian` has one) builds the columns
+    with it instead of ``vmap``; either way they count as n matvecs.
+
     For tiny problems and tests only: O(n²) memory and O(n³) time in the number n of inner scalars. The
     residual ‖b − Hx‖/‖b‖ is measured with one more matvec (not from the assembled matrix); a direct solve
     misses ``rtol`` only when H is (nearly) singular, which it then reports like the iterative solvers.
@@ -391,7 +415,11 @@ class Exact:
         batched = any_batched(b.values())
         flat_b = tree.flatten(b)
         eye = torch.eye(n, dtype=flat_b.dtype, device=flat_b.device)
-        columns = vmap(lambda e: tree.flatten(matvec(tree.unflatten(e, b))))(eye)
+        if hasattr(matvec, "matmat") and not batched:
+            products = matvec.matmat(_split_columns(eye, b))
+            columns = torch.cat([products[k].reshape(n, -1) for k in b], dim=1)
+        else:
+            columns = vmap(lambda e: tree.flatten(matvec(tree.unflatten(e, b))))(eye)
         hessian = columns.T  # column i is H e_i; H is symmetric, the transpose is for clarity
         x = tree.unflatten(torch.linalg.solve(hessian, flat_b), b)
         b_norm = tree.norm(b)
@@ -401,6 +429,15 @@ class Exact:
             "the inner Hessian is (nearly) singular, so its direct solve is inaccurate: add damping=... (e.g. "
             "damping=0.01,relative_damping=true), run the inner loop closer to a strict minimum, or use float64.")
         return x, LinearSolveInfo(1, n + 1, residual, converged)
+
+
+def _split_columns(rows: Tensor, like: Params) -> Params:
+    """Rows of shape (m, n) cut into a batch of params dicts: leaves of shape (m, *leaf.shape)."""
+    out, start = {}, 0
+    for k, v in like.items():
+        out[k] = rows[:, start:start + v.numel()].reshape(rows.shape[0], *v.shape)
+        start += v.numel()
+    return out
 
 
 LinearSolver = CG | Neumann | FixedPoint | Exact

@@ -21,7 +21,8 @@ def check_params(params: Params, name: str) -> None:
         if not isinstance(value, torch.Tensor):
             raise StructureError(f"{name}[{key!r}] must be a Tensor, got {type(value).__name__}")
         if not value.is_floating_point():
-            raise StructureError(f"{name}[{key!r}] must be floating point, got {value.dtype}")
+            raise StructureError(f"{name}[{key!r}] must be floating point, got {value.dtype}; cast it with .float() "
+                                 "(or .double())")
 
 
 def check_dtypes_and_devices(named: list[tuple[str, Tensor]]) -> None:
@@ -93,7 +94,9 @@ def validate_problem(problem: BilevelProblem, inner: Params, outer: Params, inne
         f_value = problem.outer(theta, leaves, outer_batch)
     for name, value in (("inner_loss", g_value), ("outer_loss", f_value)):
         if not bool(torch.isfinite(value)):
-            raise NonFiniteError(f"{name} is {float(value.detach())} at the initial params (before inner step 0)")
+            raise NonFiniteError(f"{name} is {float(value.detach())} at the initial params (before inner step 0); check "
+                                 "the batches and the initial inner/outer params for NaN/Inf, and the loss for log(0) "
+                                 "or division by zero")
     keys = list(leaves)
     used_inner = _used(g_value, [leaves[k] for k in keys])
     used_outer = _used(f_value, [leaves[k] for k in keys])

@@ -128,7 +128,9 @@ def test_generations_are_the_cmaes_solver_called_by_hand(two_generations):
 
 
 def test_candidates_go_through_ctx_map(two_generations):
-    assert two_generations[4] == [POPSIZE, POPSIZE]
+    """Per generation: the candidates, then the new mean's evaluation (one item, so that every process keeps the
+    same inner warm start)."""
+    assert two_generations[4] == [POPSIZE, 1, POPSIZE, 1]
 
 
 def test_resume_from_a_stored_checkpoint_repeats_the_run(two_generations, tmp_path):

@@ -91,7 +91,8 @@ BAD_RUN_ARGUMENTS = {
                               ["run folder o does not exist", "drop --resume to start a new run there"]),
     "solver-unknown-option": (["--steps", "2", "--solver", "cg:maxiters=3", "--out", "o"],
                               ["'maxiters'", "valid options: ", "maxiter: int = 100"]),
-    "solver-unknown-name": (["--steps", "2", "--solver", "cgg", "--out", "o"], ["'cgg'", "cg"]),
+    "solver-unknown-name": (["--steps", "2", "--solver", "cgg", "--out", "o"],
+                            ["unknown solver 'cgg'", "registered solvers: cg, neumann"]),
     "problem-unknown": (None, ["unknown problem 'nosuchproblem'", "registered problems", "ridge"]),
 }
 
@@ -176,12 +177,19 @@ def test_check_shares_the_argument_checks(argv, expected, workdir, capsys):
     assert expected in refuse(argv, capsys, command="check")
 
 
-def test_argparse_usage_errors_still_exit_2(workdir, capsys):
-    for argv in (RUN + ["--steps", "abc", "--out", "o"], RUN + ["--out", "o"], RUN + ["--steps", "1", "--out", "o",
-                                                                                      "--log-with", "neptune"]):
-        with pytest.raises(SystemExit) as info:
-            cli.main(argv)
-        assert info.value.code == 2
+@pytest.mark.parametrize("argv, message", [
+    (RUN + ["--steps", "abc", "--out", "o"], "bilevel run: error: argument --steps: invalid int value: 'abc' "
+                                             "(see bilevel run --help)"),
+    (RUN + ["--out", "o"], "bilevel run: error: the following arguments are required: --steps (see bilevel run --help)"),
+    (RUN + ["--steps", "1", "--out", "o", "--log-with", "neptune"],
+     "bilevel run: error: argument --log-with: invalid choice: 'neptune' (choose from "),  # quoting varies by Python
+])
+def test_argparse_usage_errors_are_one_line_and_exit_2(argv, message, workdir, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.endswith("(see bilevel run --help)\n") and err.count("\n") == 1
     assert list(workdir.glob("o")) == []
 
 

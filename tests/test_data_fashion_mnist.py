@@ -193,11 +193,11 @@ def test_resolution_order(tmp_path, monkeypatch):
 
 def test_bad_split_and_source(small):
     folder, _ = small
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ValueError, match="split must be 'train', 'test' or 'all', got 'validation'"):
         fashion_mnist("validation", root=folder)
-    with pytest.raises(ValueError, match="source"):
+    with pytest.raises(ValueError, match="source must be 'folder' or 'hf', got 'web'"):
         fashion_mnist(source="web")
-    with pytest.raises(ValueError, match="cannot be combined"):
+    with pytest.raises(ValueError, match="root= names a folder of idx files; it cannot be combined with source='hf'"):
         fashion_mnist(root=folder, source="hf")
 
 

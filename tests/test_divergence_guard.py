@@ -25,6 +25,8 @@ from bilevel.errors import DivergenceError, NonFiniteError
 from bilevel.run import cli
 from bilevel.run.serialize import load_tree, save_tree
 
+from processes import snapshot  # noqa: E402
+
 X0 = torch.tensor([1.0, -2.0, 0.5])
 CLIMB_LR = 2.5          # x ← −1.5 x
 TRIP_STEP = 17          # derived in the module docstring
@@ -259,21 +261,47 @@ def diverging_problem(tmp_path, monkeypatch):
         sys.modules.pop(name, None)
 
 
-def test_bilevel_run_stops_and_names_the_newest_checkpoint_from_before_the_tripped_step(
+def test_bilevel_run_stops_sets_the_tripped_checkpoint_aside_and_resumes_from_the_last_good_one(
         diverging_problem, tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli.main(["run", diverging_problem, "--steps", "60", "--checkpoint-every", "1", "--no-progress",
-                     "--out", str(out)])
+    args = ["run", diverging_problem, "--steps", "60", "--checkpoint-every", "1", "--no-progress", "--out", str(out)]
+    code = cli.main(args)
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"outer step {TRIP_STEP}, single-level objective: diverging: the outer loss" in err
     # step-17 was written after step 16 (before step 17 evaluated x_17 and tripped): it holds the params that
-    # tripped, so the last good checkpoint is step-16
+    # tripped, so it is renamed step-17.tripped (kept, never resumed) and the last good checkpoint is step-16
     good, tripped = (out / "checkpoints" / f"step-{s:08d}" for s in (TRIP_STEP - 1, TRIP_STEP))
-    assert f"the last good checkpoint is {good}" in err and good.is_dir() and tripped.is_dir()
+    set_aside = tripped.with_name(tripped.name + ".tripped")
+    assert f"the last good checkpoint is {good} ({tripped.name} held those params and is set aside as .tripped)" in err
+    assert good.is_dir() and not tripped.exists() and set_aside.is_dir()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(TRIP_STEP))
     assert not (out / "outer.safetensors").exists()
+    # --resume continues from the last good checkpoint (step-16), not from the params that tripped, and the
+    # same settings trip at the same step with the same message
+    assert cli.main(args + ["--resume"]) == 2
+    again = capsys.readouterr().err
+    assert f"outer step {TRIP_STEP}, single-level objective: diverging: the outer loss" in again
+    assert f"the last good checkpoint is {good}" in again and set_aside.is_dir() and not tripped.exists()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(TRIP_STEP))
+
+
+def test_resume_with_only_tripped_checkpoints_names_them(diverging_problem, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", diverging_problem, "--steps", "60", "--checkpoint-every", str(TRIP_STEP), "--no-progress",
+            "--out", str(out)]
+    assert cli.main(args) == 2
+    capsys.readouterr()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{TRIP_STEP:08d}.tripped"]
+    before = snapshot(out)
+    assert cli.main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--resume: no checkpoint in {out / 'checkpoints'} (only step-{TRIP_STEP:08d}.tripped, which held params "
+            "that tripped the divergence/non-finite guard and are never resumed)") in err
+    assert "start fresh (drop --resume; --overwrite to reuse this folder)" in err
+    assert snapshot(out) == before
 
 
 def test_bilevel_run_divergence_factor_zero_switches_the_guard_off(diverging_problem, tmp_path):

@@ -123,10 +123,12 @@ def test_nonfinite_hypergradient_stops_with_step_solver_and_quantity(tmp_path, c
 
 @pytest.mark.parametrize("argv, message", [
     (["run", "nosuchproblem", "--steps", "1", "--out", "x"], "unknown problem 'nosuchproblem'; registered problems"),
-    (["run", "ridge", "--solver", "cg:maxiters=3", "--steps", "1", "--out", "x"], "maxiters"),
+    (["run", "ridge", "--solver", "cg:maxiters=3", "--steps", "1", "--out", "x"],
+     "unknown option 'maxiters' for solver 'cg'; valid options: "),
     (["run", "ridge", "--set", "featurez=3", "--steps", "1", "--out", "x"], "unknown config key 'featurez'"),
-    (["run", "ridge", "--set", "features=3.5", "--steps", "1", "--out", "x"], "expects an int"),
-    (["check", "ridge", "--set", "noise=abc"], "expects a float"),
+    (["run", "ridge", "--set", "features=3.5", "--steps", "1", "--out", "x"],
+     "config key 'features' expects an int, got '3.5'"),
+    (["check", "ridge", "--set", "noise=abc"], "config key 'noise' expects a float, got 'abc'"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -137,10 +139,12 @@ def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path, monkeypatch
 def test_resume_without_checkpoint_and_with_a_corrupt_checkpoint(tmp_path, capsys):
     out = tmp_path / "r"
     assert cli.main(["run", "ridge", "--smoke", "--steps", "2", "--out", str(out), "--resume"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--resume: run folder {out} does not exist; drop --resume to start a new run there" in err
     out.mkdir()
     assert cli.main(["run", "ridge", "--smoke", "--steps", "2", "--out", str(out), "--resume"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert (f"--resume: no checkpoint in {out / 'checkpoints'}; run with --checkpoint-every K to write checkpoints"
+            in capsys.readouterr().err)
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "step-00000002.pt").write_bytes(b"\x80\x02truncated")  # old format: never unpickled
     assert cli.main(["run", "ridge", "--smoke", "--steps", "2", "--out", str(out), "--resume"]) == 2
@@ -149,7 +153,9 @@ def test_resume_without_checkpoint_and_with_a_corrupt_checkpoint(tmp_path, capsy
     (out / "checkpoints" / "step-00000002").mkdir()
     (out / "checkpoints" / "step-00000002" / "state.json").write_text('{"format": "bilevel-tr')
     assert cli.main(["run", "ridge", "--smoke", "--steps", "2", "--out", str(out), "--resume"]) == 2
-    assert "step-00000002 is unreadable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "step-00000002 is unreadable" in err and "manifest.json is missing" in err
+    assert "delete it to resume from the previous one, or start a fresh run without --resume" in err
 
 
 def test_config_file_and_overrides(tmp_path):

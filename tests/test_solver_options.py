@@ -120,7 +120,7 @@ def test_iteration_caps_and_tolerances_bind():
 def test_growth_limit_and_max_size_refuse():
     with pytest.raises(bilevel.NeumannDivergenceError):
         run("neumann:alpha=0.05,growth_limit=0.5")  # the first term has norm ‖b‖ > 0.5 ‖b‖
-    with pytest.raises(ValueError, match="6 inner scalars > max_size=2"):
+    with pytest.raises(ValueError, match="Exact solve refused: 6 inner scalars > max_size=2; use CG"):
         run("exact:max_size=2")
 
 

@@ -179,17 +179,42 @@ def test_published_itl_trains_and_printed_itl_does_not():
     assert _train_softmax_regression(TaylorLoss(published_theta("itl", as_printed=True), spec), lr=0.5) < 0.2
 
 
+def hand_range(w, classes=10):
+    """(f_min, f_max) of eq. A.2 written out: the per-sample loss (1/C)[ℓ(t, 1) + Σ_wrong ℓ(q, 0)] (eq. 3.5) over
+    the documented grid: true-class probability t = i/100, the rest 1 − t spread uniformly over the other
+    classes, put on one wrong class, or split evenly over two."""
+    values = []
+    for i in range(101):
+        top = i / 100
+        rest = 1 - top
+        for wrong in ([rest / (classes - 1)] * (classes - 1), [rest] + [0.0] * (classes - 2),
+                      [rest / 2, rest / 2] + [0.0] * (classes - 3)):
+            values.append((hand_eq35(top, 1.0, w) + sum(hand_eq35(q, 0.0, w) for q in wrong)) / classes)
+    return min(values), max(values)
+
+
 def test_arl_normalisation_maps_range_to_eta():
-    spec = TaylorSpec("arl", 4, normalise=2.0)
+    """f̂ = η (f − f_min)/(f_max − f_min) (eq. A.2) with f_min, f_max and f computed by hand in plain floats."""
+    eta = 2.0
+    spec = TaylorSpec("arl", 4, normalise=eta)
     theta = published_theta("arl_dr_s80", dtype=torch.float64)
-    f_min, f_max = loss_range(theta, TaylorSpec("arl", 4), 10)
-    assert f_max > f_min
-    # a one-hot prediction on the label and on a wrong class lie on the grid: their values are in [0, η]
-    z = torch.tensor([[30.0] + [0.0] * 9, [0.0, 30.0] + [0.0] * 8], dtype=torch.float64)
-    vals = [taylor_loss(z[i:i + 1], torch.tensor([0]), theta, spec).item() for i in range(2)]
-    assert all(-1e-6 <= v <= 2.0 + 1e-6 for v in vals)
-    raw = taylor_loss(z[:1], torch.tensor([0]), theta, TaylorSpec("arl", 4))
-    assert vals[0] == pytest.approx(2.0 * (raw - f_min).item() / (f_max - f_min).item(), rel=1e-9)
+    w = theta.tolist()
+    f_min, f_max = hand_range(w)
+    assert f_max - f_min > 1e-3 * max(abs(f_min), abs(f_max))  # a non-degenerate range to divide by
+    lib_min, lib_max = loss_range(theta, TaylorSpec("arl", 4), 10)
+    assert float(lib_min) == pytest.approx(f_min, rel=1e-12, abs=1e-15)
+    assert float(lib_max) == pytest.approx(f_max, rel=1e-12, abs=1e-15)
+    # a confident correct, a confident wrong and an uncertain prediction on label 0
+    z = torch.tensor([[30.0] + [0.0] * 9, [0.0, 30.0] + [0.0] * 8,
+                      [0.5, -0.3, 0.2, 0.0, 1.0, -1.0, 0.3, 0.1, -0.2, 0.4]], dtype=torch.float64)
+    for row in z:
+        p = torch.softmax(row, -1).tolist()
+        raw = (hand_eq35(p[0], 1.0, w) + sum(hand_eq35(q, 0.0, w) for q in p[1:])) / 10
+        got = taylor_loss(row[None], torch.tensor([0]), theta, spec).item()
+        assert got == pytest.approx(eta * (raw - f_min) / (f_max - f_min), rel=1e-10, abs=1e-12)
+    # one-hot predictions lie on the grid (t = 1 and t = 0 with the rest on one class): their values are in [0, η]
+    for row in z[:2]:
+        assert -1e-9 <= taylor_loss(row[None], torch.tensor([0]), theta, spec).item() <= eta + 1e-9
 
 
 def test_save_load_roundtrip(tmp_path):

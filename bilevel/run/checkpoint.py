@@ -16,6 +16,11 @@ worst a stray ``.step-*.tmp`` directory, which list/latest ignore and the next s
 ``keep`` checkpoints up to the one just written are kept (higher-numbered ones, from an earlier run into the
 same folder, are left alone).
 
+A checkpoint ``step-s`` holds the params that outer step ``s`` evaluates; it is written before any guard
+has seen them. When step ``s`` trips a guard (non-finite or diverging), the runner renames that checkpoint
+to ``step-XXXXXXXX.tripped`` (:func:`set_aside_tripped`): it is kept for inspection but never listed,
+loaded or resumed, so the newest listed checkpoint is always one that passed the guard.
+
 Version 1 checkpoints (``step-XXXXXXXX.pt``, one ``torch.save`` pickle) are never loaded: unpickling a file
 can execute arbitrary code, so a crafted ``.pt`` in a run folder would run on ``--resume``.
 """
@@ -36,6 +41,7 @@ FORMAT = "bilevel-checkpoint"
 VERSION = 2
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+TRIPPED_PATTERN = re.compile(r"^step-(\d{8})\.tripped$")  # held params that tripped a guard: never loaded
 LEGACY_PATTERN = re.compile(r"^step-(\d{8})\.pt$")  # version 1: pickles, refused
 TEMPORARY_GLOB = ".step-*.tmp"
 
@@ -58,6 +64,28 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name) and p.is_dir())
+
+
+def set_aside_tripped(run_dir: str | Path, failed_step: int) -> list[Path]:
+    """Rename every checkpoint of step ≥ ``failed_step`` to ``step-XXXXXXXX.tripped`` (atomic renames).
+
+    Called when outer step ``failed_step`` tripped a guard: checkpoint ``step-<failed_step>`` holds the
+    params that tripped it, and a higher-numbered one cannot be from this run's good history either.
+
+    Returns:
+        The new paths, oldest first.
+    """
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if int(CHECKPOINT_PATTERN.match(path.name).group(1)) >= failed_step:
+            target = path.with_name(path.name + ".tripped")
+            if target.exists():  # from an earlier failed run into this folder: the newer one replaces it
+                shutil.rmtree(target)
+            os.replace(path, target)
+            moved.append(target)
+    if moved:
+        serialize.fsync_path(checkpoint_dir(run_dir))
+    return moved
 
 
 def legacy_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -222,6 +250,10 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path:
         raise _refuse_pickle(legacy)
     path = latest_checkpoint(run_dir)
     if path is None:
-        raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir(run_dir)}; run with "
-                              "--checkpoint-every K to write checkpoints, or drop --resume to start fresh")
+        folder = checkpoint_dir(run_dir)
+        tripped = sorted(p.name for p in folder.iterdir() if TRIPPED_PATTERN.match(p.name)) if folder.is_dir() else []
+        why = (f" (only {', '.join(tripped)}, which held params that tripped the divergence/non-finite guard and "
+               "are never resumed)" if tripped else "")
+        raise CheckpointError(f"--resume: no checkpoint in {folder}{why}; run with --checkpoint-every K to write "
+                              "checkpoints, or start fresh (drop --resume; --overwrite to reuse this folder)")
     return path

@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 
@@ -153,8 +153,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0  # a solver that failed or does not apply is a result of the comparison, reported in its row
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit 2), like every other ``bilevel`` error:
+    the usage block argparse prints by default buries the message; ``--help`` shows it on request."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bilevel", description="Bilevel problems with swappable hypergradient solvers.")
+    parser = OneLineParser(prog="bilevel", description="Bilevel problems with swappable hypergradient solvers.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     list_p = sub.add_parser("list", help="registered problems and solvers with their options")

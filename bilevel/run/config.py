@@ -18,6 +18,9 @@ from typing import Any
 from ..errors import SpecError
 
 
+_FIX = "pass a value of that type (--set key=value, or the config file)"
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` converted to the field type ``tp`` (from a string when given on the command line)."""
     origin = typing.get_origin(tp)
@@ -52,24 +55,24 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise SpecError(f"config key {key!r} expects a bool (true/false), got {value!r}")
+        raise SpecError(f"config key {key!r} expects a bool (true/false), got {value!r}; {_FIX}")
     if tp is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise SpecError(f"config key {key!r} expects an int, got {value!r}")
+            raise SpecError(f"config key {key!r} expects an int, got {value!r}; {_FIX}")
         try:
             return int(value) if not isinstance(value, str) else int(value, 10)
         except (TypeError, ValueError):  # TypeError: a TOML date or list where an int belongs
-            raise SpecError(f"config key {key!r} expects an int, got {value!r}") from None
+            raise SpecError(f"config key {key!r} expects an int, got {value!r}; {_FIX}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise SpecError(f"config key {key!r} expects a float, got {value!r}")
+            raise SpecError(f"config key {key!r} expects a float, got {value!r}; {_FIX}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise SpecError(f"config key {key!r} expects a float, got {value!r}") from None
+            raise SpecError(f"config key {key!r} expects a float, got {value!r}; {_FIX}") from None
     if tp is str:
         if not isinstance(value, str):
-            raise SpecError(f"config key {key!r} expects a string, got {value!r}")
+            raise SpecError(f"config key {key!r} expects a string, got {value!r}; {_FIX}")
         return value
     return value
 

@@ -29,10 +29,11 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from ..context import RunContext
+from ..errors import NonFiniteError
 from ..divergence import DEFAULT_FACTOR, DEFAULT_WINDOW, check_divergence_options
 from ..outer import OuterLoop
 from . import artifacts, rundir
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint, set_aside_tripped
 
 OPTIONAL_TRACKERS = tuple(rundir.TRACKER_PACKAGES)
 
@@ -106,12 +107,23 @@ def _mean_metrics(per_process: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _kept(run_dir: Path, failed_step: int) -> str:
-    """The hint of a guard error: the newest checkpoint from before ``failed_step`` (a checkpoint ``step-s``
-    holds the params that step ``s`` evaluates, so ``step-<failed_step>`` holds the ones that tripped)."""
-    good = [p for p in list_checkpoints(run_dir) if int(p.name.split("-")[1]) < failed_step]
+    """The hint of a guard error at ``failed_step``: which checkpoint is the last good one.
+
+    A checkpoint ``step-s`` holds the params that step ``s`` evaluates, so ``step-<failed_step>`` holds the
+    ones that tripped: the runner sets it aside (:func:`set_aside_tripped`) and the last good one is the newest
+    from before ``failed_step``.
+    """
+    found = list_checkpoints(run_dir)
+    good = [p for p in found if _step_of(p) < failed_step]
+    aside = [p.name for p in found if _step_of(p) >= failed_step]
+    note = f" ({', '.join(aside)} held those params and is set aside as .tripped)" if aside else ""
     if good:
-        return f"the last good checkpoint is {good[-1]}"
-    return "no checkpoint from before that step was written (use --checkpoint-every K)"
+        return f"the last good checkpoint is {good[-1]}{note}"
+    return f"no checkpoint from before that step was written (use --checkpoint-every K){note}"
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
 
 
 def run(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str, Any]) -> Optional[dict[str, float]]:
@@ -198,6 +210,9 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
     accelerator.wait_for_everyone()  # every process built the problem and took the checkpoint: now write
     if accelerator.is_main_process:
         folder.commit()
+        if payload is not None:  # say which checkpoint: with several kept (or some set aside) it is not obvious
+            print(f"bilevel run: resumed from checkpoint {Path(resume_path).name} (outer step {start} of "
+                  f"{spec.steps}) in {run_dir}", file=sys.stderr)
         if spec.overwrite and opening is not None and opening.previous:
             deleted, kept = rundir.delete_previous_run(run_dir)
             note = f"bilevel run: --overwrite: deleted the previous run's {', '.join(deleted)} in {run_dir}"
@@ -227,10 +242,13 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
 
     try:
         loop.run(spec.steps, on_step=on_step, error_hint=lambda: _kept(run_dir, loop.step))
+    except NonFiniteError:  # the guards' errors (DivergenceError is one)
+        if accelerator.is_main_process:  # never leave the state that tripped the guard as the newest checkpoint
+            set_aside_tripped(run_dir, loop.step)
+        _finish_trackers(accelerator)
+        raise
     except BaseException:
-        for opened in accelerator.trackers:  # flush what the extra trackers hold (metrics.jsonl is on disk)
-            with contextlib.suppress(Exception):  # the run's own error is the one to report
-                opened.finish()
+        _finish_trackers(accelerator)
         raise
     finally:
         bar.close()
@@ -245,6 +263,13 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
     is_main = accelerator.is_main_process
     accelerator.end_training()
     return final if is_main else None
+
+
+def _finish_trackers(accelerator: Accelerator) -> None:
+    """Flush what the extra trackers hold after a failure (metrics.jsonl is already on disk)."""
+    for opened in accelerator.trackers:
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            opened.finish()
 
 
 def _checkpoint(spec: RunSpec, loop: OuterLoop, accelerator: Accelerator, run_dir: Path,

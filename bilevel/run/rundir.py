@@ -31,8 +31,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ..errors import BilevelError, SpecError
 from ..solvers import normalize_spec
-from .checkpoint import (CHECKPOINT_PATTERN, LEGACY_PATTERN, CheckpointError, checkpoint_dir, find_resume_checkpoint,
-                         latest_checkpoint, load_checkpoint)
+from .checkpoint import (CHECKPOINT_PATTERN, LEGACY_PATTERN, TRIPPED_PATTERN, CheckpointError, checkpoint_dir,
+                         find_resume_checkpoint, latest_checkpoint, load_checkpoint)
 
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
@@ -240,7 +240,7 @@ def _describe(run_dir: Path, names: list[str]) -> str:
 
 
 def _ours_in_checkpoints(name: str) -> bool:
-    return bool(CHECKPOINT_PATTERN.match(name) or LEGACY_PATTERN.match(name)
+    return bool(CHECKPOINT_PATTERN.match(name) or LEGACY_PATTERN.match(name) or TRIPPED_PATTERN.match(name)
                 or (name.startswith(".step-") and name.endswith(".tmp")))
 
 

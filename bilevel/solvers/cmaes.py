@@ -9,7 +9,7 @@ The returned pseudo-gradient is
 so that an outer step φ ← φ − 1·g (SGD with lr = 1, the intended pairing) lands on the new mean. No
 derivative of F or G is used: this suits non-differentiable outer objectives (accuracy) and rugged
 landscapes. Candidates whose score is NaN/Inf (training diverged) are ranked last, scored as the worst
-finite score plus one, and counted in ``diagnostics['nonfinite_candidates']``; a generation in which
+finite score plus one (or the next float above it, where +1 rounds away), and counted in ``diagnostics['nonfinite_candidates']``; a generation in which
 every candidate is non-finite raises.
 Reference: Hansen, "The CMA Evolution Strategy: A Tutorial", arXiv:1604.00772.
 
@@ -217,13 +217,21 @@ class CMAES:
         if not finite:
             raise NonFiniteError(f"CMA-ES generation {state.generation}: every candidate's outer loss is "
                                  "NaN/Inf; lower sigma or the inner learning rate")
-        worst = max(finite) + 1.0
+        # strictly above every finite score: for scores ≥ 2**53, "+ 1.0" rounds back to max(finite), and pycma's
+        # stable sort could then rank a failure that was asked earlier ahead of a finite candidate
+        worst = max(max(finite) + 1.0, float(np.nextafter(max(finite), math.inf)))
+        if not math.isfinite(worst):
+            raise NonFiniteError(f"CMA-ES generation {state.generation}: a finite outer loss reaches the largest "
+                                 "float, so the failed candidates cannot be ranked below it; rescale the outer loss")
         told = [float(s) if math.isfinite(s) else worst for s in scores]
         es.tell(candidates, told)
         mean_new = np.array(es.mean, copy=True)
         hypergrad = to_params(mean_old - mean_new)
         best = int(np.argmin([s if math.isfinite(s) else math.inf for s in scores]))
-        mean_score, theta, inner_loss = run(mean_new) if self.evaluate_mean else (min(finite), theta0, math.nan)
+        # through the map too: one process evaluates the mean and all receive its result, so every process keeps
+        # the same inner warm start even when processes draw different data (the checkpoint stores one copy)
+        mean_score, theta, inner_loss = ((self.map_fn or sequential_map)(run, [mean_new])[0] if self.evaluate_mean
+                                         else (min(finite), theta0, math.nan))
         diagnostics = {
             "outer_loss": mean_score, "inner_loss": inner_loss, "best_candidate_loss": min(finite),
             "mean_candidate_loss": float(np.mean(finite)), "sigma": float(es.sigma),

@@ -10,9 +10,10 @@ from torch.func import grad
 from torch.utils import _pytree as pytree
 
 from .. import tree
-from ..autodiff import any_batched
+from ..autodiff import any_batched, fill_none, tape_leaves, tape_value_and_grad
 from ..errors import ZeroHypergradientWarning
 from ..inner import batch_at
+from ..paths import AUTOGRAD, FUNC, choose_path
 from ..tree import Params
 from ..types import Batch, BilevelProblem
 
@@ -80,10 +81,13 @@ def zeros_like_leaves(leaves: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(x) for x in leaves]
 
 
-def inner_gradient_norm(problem: BilevelProblem, theta: Params, phi: Params, batch: Batch) -> Tensor:
-    """‖∇θG(θ, φ)‖ on ``batch`` (one gradient), in full precision even under autocast."""
+def inner_gradient_norm(problem: BilevelProblem, theta: Params, phi: Params, batch: Batch, path: str = FUNC
+                        ) -> Tensor:
+    """‖∇θG(θ, φ)‖ on ``batch`` (one gradient, on ``path``), in full precision even under autocast."""
     device_type = next(iter(theta.values())).device.type
     with torch.autocast(device_type=device_type, enabled=False):
+        if path == AUTOGRAD:
+            return tree.norm(tape_value_and_grad(lambda t: problem.inner(t, phi, batch), tree.detach(theta))[1])
         return tree.norm(grad(problem.inner)(theta, phi, batch)).detach()
 
 
@@ -99,15 +103,33 @@ def stationarity(norm_k: Tensor, norm_0: Tensor) -> dict[str, float | Tensor]:
 
 
 def unrolled_stationarity(problem: BilevelProblem, theta_0: Params, theta_k: Params, phi: Params,
-                          inner_batch: Batch | Callable[[int], Batch], steps: int) -> dict[str, float | Tensor]:
+                          inner_batch: Batch | Callable[[int], Batch], steps: int, path: str = FUNC
+                          ) -> dict[str, float | Tensor]:
     """:func:`stationarity` of a solver that differentiates the K-step loop itself (unroll, forward, onestep).
 
     Both gradients are taken on the batch of the last inner step, ``inner_batch(K − 1)`` (the only batch
-    for full-batch training): the loop's own objective at its end. Costs two gradients.
+    for full-batch training): the loop's own objective at its end. Costs two gradients (on ``path``).
     """
     batch = batch_at(inner_batch, max(steps - 1, 0))
-    return stationarity(inner_gradient_norm(problem, theta_k, phi, batch),
-                        inner_gradient_norm(problem, theta_0, phi, batch))
+    return stationarity(inner_gradient_norm(problem, theta_k, phi, batch, path),
+                        inner_gradient_norm(problem, theta_0, phi, batch, path))
+
+
+def solver_path(inner: Params, outer: Params, prefer: str = AUTOGRAD) -> str:
+    """The autodiff path of one solver call (:func:`bilevel.paths.choose_path` on its params), chosen once at
+    its start and reported as ``diagnostics["autodiff_path"]``."""
+    return choose_path((*inner.values(), *outer.values()), prefer)
+
+
+def tape_objective_grad(objective: Callable[[Params], tuple[Tensor, Any]], phi: Params) -> tuple[Params, Tensor, Any]:
+    """d/dφ of a scalar ``objective(φ) -> (value, aux)`` recorded on the tape (the reverse pass of the unrolled and
+    one-step solvers): the objective runs at fresh leaves holding φ, then one ``torch.autograd.grad``.
+    Returns the derivative and the value, both detached, and ``aux`` as the objective returned it."""
+    with torch.enable_grad():
+        leaves = tape_leaves(phi)
+        value, aux = objective(leaves)
+        found = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    return fill_none(found, phi), value.detach(), aux
 
 
 def warn_if_zero_hypergradient(hypergrad: Params, solver: str, reason: str = GENERIC_ZERO_REASON) -> None:

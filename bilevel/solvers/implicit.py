@@ -16,6 +16,13 @@ that measures the true residual), one mixed vjp (+ ``power_iterations`` HVPs for
 ``alpha=auto``), and one inner gradient at θ_0 for the stationarity diagnostic (two with ``hvp=fwdrev``).
 Memory: independent of the number of inner steps.
 
+Two paths (:mod:`bilevel.paths`, reported as ``diagnostics["autodiff_path"]``): outside torch.func
+transforms the inner loop runs on the autograd tape without recording a graph (nothing differentiates
+through it), and ∇θG(θ_K, φ) is recorded once with ``create_graph``; every HVP and the mixed vjp are
+backward passes through that one graph (:class:`~bilevel.autodiff.TapeHessian`), so the mixed term costs
+no gradient of its own (one inner-loss evaluation fewer than on torch.func, which linearises ∇θG for the
+HVPs and again for the mixed vjp). Under ``vmap`` the same maths runs on torch.func.
+
 Diagnostics never lie: besides the linear solve's true ``residual`` and ``converged`` (NaN under vmap,
 where it cannot be known), every call reports the stationarity it differentiated at,
 ``inner_grad_norm`` = ‖∇θG(θ_K, φ)‖ and ``inner_grad_norm_rel`` = ‖∇θG(θ_K, φ)‖ / ‖∇θG(θ_0, φ)‖, both on
@@ -37,11 +44,14 @@ import torch
 from torch.func import grad, vjp
 
 from .. import linsolve, tree
-from ..autodiff import HVP_MODES, hvp_operator, is_batched, mixed_vjp, value_and_grads
+from ..autodiff import (HVP_MODES, TapeForwardOverReverse, TapeHessian, hvp_operator, is_batched, mixed_vjp,
+                        tape_value_and_grad, value_and_grads)
 from ..errors import StationarityWarning
+from ..paths import AUTOGRAD, FUNC
 from ..tree import Params
 from ..types import HypergradResult
-from .common import hessian_batch, inner_fn, last, outer_fn, scalar, stationarity, warn_if_zero_hypergradient
+from .common import (hessian_batch, inner_fn, inner_gradient_norm, last, outer_fn, scalar, solver_path, stationarity,
+                     warn_if_zero_hypergradient)
 
 POWER_ITERATIONS = 20
 
@@ -96,8 +106,10 @@ class Implicit:
             raise ValueError(
                 f"implicit solvers differentiate the stationarity of inner_loss, but InnerLoop.weight_decay="
                 f"{loop.weight_decay} moves the loop's fixed point away from it; put the L2 term in inner_loss.")
+        path = solver_path(inner, outer)
         phi, theta_0 = tree.detach(outer), tree.detach(inner)
-        theta, _, losses = loop.run(problem, theta_0, phi, inner_batch)
+        # Nothing differentiates through the inner loop: on the tape it records no graph.
+        theta, _, losses = loop.run(problem, theta_0, phi, inner_batch, path=path, create_graph=False)
         theta = tree.detach(theta)
         # Mixed-precision policy: the inner loop may run under autocast, but the gradients at the solution,
         # the Hessian-vector products and the linear solve run in full precision (a bf16 HVP has ~3
@@ -105,22 +117,23 @@ class Implicit:
         device_type = next(iter(theta.values())).device.type
         with torch.autocast(device_type=device_type, enabled=False):
             g_fn = inner_fn(problem, hessian_batch(inner_batch, loop.steps))
-            f_value, g_theta, g_phi = value_and_grads(outer_fn(problem, outer_batch), theta, phi)
-            hessian, grad_k, gradients = self._hessian_and_gradient(lambda t: g_fn(t, phi), theta)
-            norm_0 = tree.norm(grad(g_fn)(theta_0, phi)).detach()  # the start, on the same batch
+            f_value, g_theta, g_phi = value_and_grads(outer_fn(problem, outer_batch), theta, phi, path)
+            hessian, grad_k, gradients, mixed = self._linearise(g_fn, theta, phi, path)
+            norm_0 = inner_gradient_norm(problem, theta_0, phi, hessian_batch(inner_batch, loop.steps), path)
             solver, delta, lam, extra_hvps = self._damped(hessian, g_theta)
-            matvec = hessian if not delta else (lambda v: tree.axpy(delta, v, hessian(v)))
+            # test the option, not δ: under vmap a relative δ is a batched tensor, which has no truth value
+            matvec = linsolve.Damped(hessian, delta) if self.damping else hessian
             x0 = state if (self.warm_start and state is not None) else None
             x, info = solver(matvec, g_theta, x0)
-            hypergrad = tree.sub(g_phi, mixed_vjp(g_fn, theta, phi, x))
+            hypergrad = tree.sub(g_phi, mixed(x))
         diagnostics = {
             "inner_loss": last(losses), "outer_loss": scalar(f_value), "inner_steps": float(loop.steps),
             "hvp_count": float(info.matvecs + extra_hvps), "evaluations": float(loop.steps + 1 + gradients),
             "residual": info.residual, "iterations": float(info.iterations),
             "converged": float("nan") if info.converged is None else float(info.converged),
-            **stationarity(tree.norm(grad_k).detach(), norm_0),
+            **stationarity(tree.norm(grad_k).detach(), norm_0), "autodiff_path": path,
         }
-        if delta:
+        if self.damping:
             diagnostics["damping"] = scalar(delta)
         if info.alpha is not None:
             diagnostics["alpha"] = scalar(info.alpha)
@@ -131,18 +144,28 @@ class Implicit:
         warn_if_zero_hypergradient(hypergrad, f"Implicit({type(self.linsolve).__name__})")
         return HypergradResult(hypergrad, theta, diagnostics, tree.detach(x) if self.warm_start else None)
 
-    def _hessian_and_gradient(self, g: Callable[[Params], torch.Tensor], theta: Params
-                              ) -> tuple[Callable[[Params], Params], Params, int]:
-        """The matvec v ↦ Hv at θ_K, the gradient ∇θG(θ_K), and how many extra gradients that cost.
+    def _linearise(self, g_fn: Callable[[Params, Params], torch.Tensor], theta: Params, phi: Params, path: str
+                   ) -> tuple[Callable[[Params], Params], Params, int, Callable[[Params], Params]]:
+        """At (θ_K, φ): the matvec v ↦ Hv, the gradient ∇θG(θ_K), how many extra gradients that cost, and the
+        mixed term v ↦ (∂²G/∂φ∂θ)ᵀ v.
 
-        ``auto``/``revrev`` linearise ∇G once with ``vjp`` (as :func:`~bilevel.autodiff.hvp_operator`
-        does); its primal output is ∇θG(θ_K) itself, so the stationarity check costs nothing there.
-        ``fwdrev`` keeps no linearisation and spends one gradient.
+        ``auto``/``revrev`` linearise ∇G once (``vjp`` on torch.func, as
+        :func:`~bilevel.autodiff.hvp_operator` does; a ``create_graph`` gradient on the tape, whose graph
+        also serves the mixed term); the linearisation's primal output is ∇θG(θ_K) itself, so the
+        stationarity check costs nothing there. ``fwdrev`` keeps no linearisation and spends one gradient.
         """
+        g = lambda t: g_fn(t, phi)
+        if path == AUTOGRAD:
+            if self.hvp == "fwdrev":
+                return (TapeForwardOverReverse(g, theta), tape_value_and_grad(g, theta)[1], 1,
+                        lambda v: TapeHessian(g_fn, theta, phi).mixed_vjp(v))
+            linearisation = TapeHessian(g_fn, theta, phi)
+            return linearisation, linearisation.gradient, 0, linearisation.mixed_vjp
+        mixed = lambda v: mixed_vjp(g_fn, theta, phi, v, path=FUNC)
         if self.hvp == "fwdrev":
-            return hvp_operator(g, theta, "fwdrev"), grad(g)(theta), 1
+            return hvp_operator(g, theta, "fwdrev", path=FUNC), grad(g)(theta), 1, mixed
         gradient, vjp_fn = vjp(grad(g), theta)
-        return (lambda v: vjp_fn(v)[0]), tree.detach(gradient), 0
+        return (lambda v: vjp_fn(v)[0]), tree.detach(gradient), 0, mixed
 
     def _warn_if_not_stationary(self, diagnostics: dict, steps: int) -> None:
         """Warn when ‖∇θG(θ_K)‖ / ‖∇θG(θ_0)‖ > stationarity_rtol (outside vmap, where it can be read).

@@ -9,9 +9,12 @@ From a warm start θ (the model being trained online, never reset) take one diff
     first_order:       ∇_φF(θ', φ)                        (drops dθ'/dφ; zero when φ enters G only)
 
 The returned ``inner`` is θ', and the state carries the inner optimiser state, so repeated calls train the
-model online. Cost: one inner gradient plus one backward through it (exact), or two extra mixed gradients
-(finite_difference), plus two inner gradients for the diagnostics ``inner_grad_norm`` = ‖∇θG(θ', φ)‖ and
-``inner_grad_norm_rel`` = ‖∇θG(θ', φ)‖ / ‖∇θG(θ, φ)‖, both on the step's batch.
+model online. Outside torch.func transforms the step and its derivative run on the autograd tape (one
+``create_graph`` gradient, one backward pass), under transforms on torch.func (:mod:`bilevel.paths`; the
+path is reported as ``diagnostics["autodiff_path"]``). Cost: one inner gradient plus one backward
+through it (exact), or two extra mixed gradients (finite_difference), plus two inner gradients for the
+diagnostics ``inner_grad_norm`` = ‖∇θG(θ', φ)‖ and ``inner_grad_norm_rel`` = ‖∇θG(θ', φ)‖ / ‖∇θG(θ, φ)‖,
+both on the step's batch.
 
 dθ'/dφ = −η ∂²G/∂φ∂θ(θ) depends on θ: under a multiplicative penalty such as exp(φ)·θ², it vanishes at
 θ = 0, and a one-step lookahead from all-zero weights returns an exactly zero hypergradient. The
@@ -26,13 +29,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.func import grad
 
 from .. import tree
-from ..autodiff import value_and_grads
+from ..autodiff import is_batched, tape_value_and_grad, value_and_grads
 from ..inner import batch_at
+from ..paths import AUTOGRAD
 from ..types import HypergradResult
-from .common import detach_state, inner_fn, outer_fn, scalar, unrolled_stationarity, warn_if_zero_hypergradient
+from .common import (detach_state, inner_fn, outer_fn, scalar, solver_path, tape_objective_grad, unrolled_stationarity,
+                     warn_if_zero_hypergradient)
 
 MODES = ("exact", "finite_difference", "first_order")
 ZERO_REASONS = {
@@ -60,35 +66,45 @@ class OneStep:
         return None  # the inner optimiser state, created on the first step
 
     def __call__(self, problem, inner, outer, inner_batch, outer_batch, loop, state) -> HypergradResult:
+        path = solver_path(inner, outer)
         theta, phi, batch = tree.detach(inner), tree.detach(outer), batch_at(inner_batch, 0)
         if self.mode == "exact":
             def objective(p):
-                th, st, loss = loop.step(problem, theta, state, p, batch)
+                th, st, loss = loop.step(problem, theta, state, p, batch, path=path, create_graph=True)
                 value = problem.outer(th, p, outer_batch)
                 return value, (value.detach(), tree.detach(th), st, loss.detach())
 
-            hypergrad, (value, theta_new, new_state, loss) = grad(objective, has_aux=True)(phi)
+            if path == AUTOGRAD:
+                hypergrad, value, (_, theta_new, new_state, loss) = tape_objective_grad(objective, phi)
+            else:
+                hypergrad, (value, theta_new, new_state, loss) = grad(objective, has_aux=True)(phi)
         else:
-            theta_new, new_state, loss = loop.step(problem, theta, state, phi, batch)
-            value, g_theta, hypergrad = value_and_grads(outer_fn(problem, outer_batch), theta_new, phi)
+            theta_new, new_state, loss = loop.step(problem, theta, state, phi, batch, path=path, create_graph=False)
+            value, g_theta, hypergrad = value_and_grads(outer_fn(problem, outer_batch), theta_new, phi, path)
             if self.mode == "finite_difference":
-                hypergrad = tree.sub(hypergrad, self._second_order(problem, theta, phi, batch, g_theta, loop))
+                hypergrad = tree.sub(hypergrad, self._second_order(problem, theta, phi, batch, g_theta, loop, path))
         theta_new = tree.detach(theta_new)
         diagnostics = {"inner_loss": scalar(loss), "outer_loss": scalar(value), "inner_steps": 1.0,
                        "hvp_count": 1.0 if self.mode == "exact" else 0.0,
                        "evaluations": (3.0 if self.mode == "finite_difference" else 1.0) + 2.0,
-                       **unrolled_stationarity(problem, theta, theta_new, phi, inner_batch, 1)}
+                       **unrolled_stationarity(problem, theta, theta_new, phi, inner_batch, 1, path),
+                       "autodiff_path": path}
         hypergrad = tree.detach(hypergrad)
         warn_if_zero_hypergradient(hypergrad, f"OneStep(mode={self.mode!r})", ZERO_REASONS[self.mode])
         return HypergradResult(hypergrad, theta_new, diagnostics, detach_state(new_state))
 
-    def _second_order(self, problem, theta, phi, batch, v, loop):
+    def _second_order(self, problem, theta, phi, batch, v, loop, path):
         """η (∂²G/∂φ∂θ)ᵀ v by central differences of ∇_φ G along v (DARTS eq. 8)."""
         if loop.optimizer != "sgd":
             raise ValueError("OneStep(mode='finite_difference') assumes a plain SGD inner step "
                              f"(θ' = θ − η∇G); the loop uses {loop.optimizer!r}. Use mode='exact'.")
-        eps = self.fd_epsilon / max(float(tree.norm(v)), 1e-12)
-        g_fn = grad(inner_fn(problem, batch), argnums=1)
+        norm = tree.norm(v)  # under vmap a batched tensor, which cannot be read on the host
+        eps = self.fd_epsilon / (torch.clamp(norm, min=1e-12) if is_batched(norm) else max(float(norm), 1e-12))
+        g_inner = inner_fn(problem, batch)
+        if path == AUTOGRAD:
+            g_fn = lambda th, ph: tape_value_and_grad(lambda p: g_inner(th, p), ph)[1]
+        else:
+            g_fn = grad(g_inner, argnums=1)
         g_plus = g_fn(tree.axpy(eps, v, theta), phi)
         g_minus = g_fn(tree.axpy(-eps, v, theta), phi)
         return tree.scale(tree.sub(g_plus, g_minus), loop.lr / (2 * eps))

@@ -110,10 +110,19 @@ class InnerLoop:
     def _func_step(self, problem: BilevelProblem, inner: Params, opt_state: Any, outer: Params, batch: Batch
                    ) -> tuple[Params, Any, Tensor]:
         grads, loss = grad_and_value(problem.inner, argnums=0)(inner, outer, batch)
+        new, opt_state = self._update(grads, opt_state, inner)
+        return new, opt_state, loss
+
+    def _update(self, grads: Params, opt_state: Any, inner: Params) -> tuple[Params, Any]:
+        """The optimiser update from the gradient: (new inner, new state), pure (``inplace=False``)."""
         if opt_state is None:
             opt_state = self.transform.init(grads)
+        if self.optimizer == "sgd" and not self.weight_decay:
+            # θ − η·g is torchopt.sgd's update bitwise (its state is empty), without its per-step tree
+            # machinery (about 40 µs a step, 8 % of a ridge d = 1000 step)
+            return {k: v - self.lr * grads[k] for k, v in inner.items()}, opt_state
         updates, opt_state = self.transform.update(grads, opt_state, params=inner, inplace=False)
-        return torchopt.apply_updates(inner, updates, inplace=False), opt_state, loss
+        return torchopt.apply_updates(inner, updates, inplace=False), opt_state
 
     def _tape_step(self, problem: BilevelProblem, inner: Params, opt_state: Any, outer: Params, batch: Batch,
                    create_graph: Optional[bool]) -> tuple[Params, Any, Tensor, bool]:
@@ -130,10 +139,7 @@ class InnerLoop:
         grads = {k: g if g is not None else torch.zeros_like(v) for (k, v), g in zip(inner.items(), found)}
         # The update is recorded only when the step must stay differentiable; otherwise it is plain arithmetic.
         with torch.set_grad_enabled(create_graph):
-            if opt_state is None:
-                opt_state = self.transform.init(grads)
-            updates, opt_state = self.transform.update(grads, opt_state, params=inner, inplace=False)
-            new = torchopt.apply_updates(inner, updates, inplace=False)
+            new, opt_state = self._update(grads, opt_state, inner)
         return new, opt_state, (loss if create_graph else loss.detach()), create_graph
 
     def run(self, problem: BilevelProblem, inner: Params, outer: Params, batches: Batch, *,

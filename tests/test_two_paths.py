@@ -434,3 +434,19 @@ def test_a_tape_operator_called_inside_vmap_computes_with_torch_func():
     assert torch.allclose(vmap(mixed_op.mixed_vjp)(V)["log_lambda"], expected, rtol=0, atol=1e-15)
     assert torch.allclose(mixed_op.mixed_vjp({"w": torch.ones(5, dtype=torch.float64)})["log_lambda"],
                           expected.sum(1), rtol=0, atol=1e-15)
+
+
+def test_the_plain_sgd_update_is_torchopts_bitwise():
+    """Plain SGD (no weight decay) updates θ − η·g directly instead of through torchopt's transformation chain;
+    that is torchopt.sgd's update bit for bit (float32 and float64 leaves, 50 random draws), state included."""
+    import torchopt
+
+    loop, reference = bilevel.InnerLoop(lr=0.37), torchopt.sgd(0.37)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        theta = {"w": torch.randn(300, generator=gen), "b": torch.randn(4, generator=gen, dtype=torch.float64)}
+        g = {"w": torch.randn(300, generator=gen) * 10, "b": torch.randn(4, generator=gen, dtype=torch.float64)}
+        ours, state = loop._update(g, None, theta)
+        updates, expected_state = reference.update(g, reference.init(g), params=theta, inplace=False)
+        expected = torchopt.apply_updates(theta, updates, inplace=False)
+        assert all(torch.equal(ours[k], expected[k]) for k in theta) and state == expected_state

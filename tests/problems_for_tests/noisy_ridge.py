@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 
 import bilevel
+# the same losses and closed form as the ridge problem, here on minibatches (closed form: at the exact
+# inner solution of the drawn train batch)
+from bilevel.problems.ridge import closed_form_hypergrad, inner_loss, outer_loss  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -63,27 +66,6 @@ def make_pools(cfg: Config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         x = torch.randn(cfg.pool_size, cfg.features, generator=g)
         pools[split] = (x, x @ w_true + cfg.noise * torch.randn(cfg.pool_size, generator=g))
     return pools
-
-
-def inner_loss(inner, outer, batch):
-    x, y = batch
-    return 0.5 * ((x @ inner["w"] - y) ** 2).mean() + 0.5 * (outer["log_penalty"].exp() * inner["w"] ** 2).sum()
-
-
-def outer_loss(inner, outer, batch):
-    x, y = batch
-    return 0.5 * ((x @ inner["w"] - y) ** 2).mean()
-
-
-def closed_form_hypergrad(outer: dict, train, val) -> torch.Tensor:
-    """dF/dφ at the exact inner solution of ``train``, by the formula in the module docstring (float64)."""
-    x, y = (t.double() for t in train)
-    xv, yv = (t.double() for t in val)
-    lam = outer["log_penalty"].double().exp()
-    a = x.T @ x / len(y) + torch.diag(lam)
-    w = torch.linalg.solve(a, x.T @ y / len(y))
-    v = torch.linalg.solve(a, xv.T @ (xv @ w - yv) / len(yv))
-    return -lam * w * v
 
 
 def draw(pool: tuple[torch.Tensor, torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,9 @@ derivative through the step is needed: grad mode is on and something the step de
 solvers) asks for it. Otherwise the step records nothing beyond its own gradient and returns plain
 tensors. Under a ``torch.autograd.forward_ad`` dual level the tape step carries the tangents along
 (forward-over-reverse), which is how the forward-mode solver runs outside torch.func.
+
+With ``compile=True`` the steps that nothing differentiates through (tape path, no graph needed, no dual
+level) run compiled by ``torch.compile`` (:mod:`bilevel.compiled`); every other step runs as above.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from torch.autograd import forward_ad
 from torch.func import grad_and_value
 from torch.utils import _pytree as pytree
 
+from . import compiled
 from .autodiff import is_batched, reaches_other_leaves
 from .paths import FUNC, check_path, choose_path, forward_ad_active
 from .errors import NonFiniteError
@@ -50,11 +54,19 @@ class InnerLoop:
     Args:
         steps: number of inner optimiser steps K.
         optimizer: ``"sgd"``, ``"momentum"`` (heavy ball), ``"adam"``, or any torchopt
-            ``GradientTransformation`` (then ``lr`` and the other knobs are ignored).
+            ``GradientTransformation`` (then ``lr`` and the other knobs are ignored). A transformation given
+            here is used as is: torchopt's momentum keeps a hidden first-call flag per object, so a fresh
+            ``torchopt.sgd(momentum=μ)`` resumed from a warm state takes one step with trace + g instead of
+            μ·trace + g; the named ``"momentum"`` spends that flag first and resumes exactly.
         lr: learning rate.
         momentum: heavy-ball coefficient for ``"momentum"``.
         betas, eps: Adam's coefficients.
         weight_decay: L2 coefficient added to the gradient (coupled, as in torch.optim.SGD/Adam).
+        compile: run the steps that need no derivative through them (the implicit solvers' and CMA-ES's
+            inner loop, a truncated unroll's prefix) compiled by ``torch.compile`` (:mod:`bilevel.compiled`):
+            the same maths, fewer dispatches; pays a compile (about 20 s cold, a few s from inductor's
+            cache) once per process and loss code. Off by default: on CPU it wins only for runs of
+            thousands of inner steps (``benchmarks/compiled.py`` measures both).
 
     ``inner_batch`` may be one fixed batch (full-batch training) or a callable ``step -> batch`` for
     minibatches; implicit solvers then take the inner Hessian on ``inner_batch(steps)``.
@@ -67,6 +79,7 @@ class InnerLoop:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -75,9 +88,12 @@ class InnerLoop:
             raise ValueError(f"unknown inner optimizer {self.optimizer!r}; valid: {OPTIMIZERS} "
                              "or a torchopt GradientTransformation")
         if not isinstance(self.optimizer, str) and not hasattr(self.optimizer, "update"):
-            raise TypeError("InnerLoop.optimizer must be a name or a torchopt GradientTransformation")
+            raise TypeError(f"InnerLoop.optimizer must be one of {OPTIMIZERS} or a torchopt GradientTransformation, "
+                            f"got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"InnerLoop.lr must be > 0, got {self.lr}")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"InnerLoop.compile must be True or False, got {self.compile!r}")
 
     @cached_property
     def transform(self) -> torchopt.base.GradientTransformation:
@@ -124,6 +140,19 @@ class InnerLoop:
         updates, opt_state = self.transform.update(grads, opt_state, params=inner, inplace=False)
         return torchopt.apply_updates(inner, updates, inplace=False), opt_state
 
+    def _compiled_step(self, problem: BilevelProblem, inner: Params, opt_state: Any, outer: Params, batch: Batch
+                       ) -> tuple[Params, Any, Tensor]:
+        """One step without a graph on the compiled path: SGD whole; other optimisers' updates stay eager."""
+        if self.optimizer == "sgd" and not self.weight_decay:
+            if opt_state is None:
+                opt_state = self.transform.init(inner)  # empty for plain SGD; kept for the state's structure
+            new, loss = compiled.sgd_step(problem.inner, self.lr, inner, outer, batch)
+            return new, opt_state, loss
+        grads, loss = compiled.grad_and_value_step(problem.inner, inner, outer, batch)
+        with torch.no_grad():
+            new, opt_state = self._update(grads, opt_state, inner)
+        return new, opt_state, loss
+
     def _tape_step(self, problem: BilevelProblem, inner: Params, opt_state: Any, outer: Params, batch: Batch,
                    create_graph: Optional[bool]) -> tuple[Params, Any, Tensor, bool]:
         """The step on the autograd tape; also returns whether it recorded a graph (``create_graph``)."""
@@ -154,6 +183,7 @@ class InnerLoop:
         """
         n = self.steps if steps is None else steps
         path = choose_path((*inner.values(), *outer.values())) if path is None else check_path(path)
+        compile_ok = self.compile and path != FUNC and not forward_ad_active()
         losses = []
         graph = create_graph
         for k in range(start, start + n):
@@ -164,7 +194,11 @@ class InnerLoop:
                 if (graph is False and create_graph is None and callable(batches) and torch.is_grad_enabled()
                         and _tracked(_tensor_leaves(batch))):
                     graph = True  # a later minibatch holds tensors that require grad: differentiate from here on
-                inner, opt_state, loss, graph = self._tape_step(problem, inner, opt_state, outer, batch, graph)
+                if compile_ok and (graph is False or not torch.is_grad_enabled()):
+                    # no graph is needed: known once a tape step found nothing tracked (or the caller said so)
+                    inner, opt_state, loss = self._compiled_step(problem, inner, opt_state, outer, batch)
+                else:
+                    inner, opt_state, loss, graph = self._tape_step(problem, inner, opt_state, outer, batch, graph)
             losses.append(loss.detach())
         stacked = torch.stack(losses) if losses else torch.zeros(0)
         if check_finite and losses and not is_batched(stacked):

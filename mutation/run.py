@@ -156,8 +156,25 @@ def main() -> None:
             return
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = ["nice", "-n", "10"] + mutmut + ["run", "--max-children", str(args.max_children)] + names
-    subprocess.run(cmd, cwd=work, env=env)
+    for _ in range(2):
+        # When the subset holds tests mutmut has not seen, it re-collects its stats ("Found N new tests,
+        # rerunning stats collection") and can stop there without testing a mutant; the next run then tests.
+        if not _run_streaming(cmd, work, env):
+            break
     report(cfg, work)
+
+
+def _run_streaming(cmd: list[str], work: Path, env: dict) -> bool:
+    """Run mutmut with its output passed through; True when it only re-collected stats (run it again)."""
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        seen.append(line)
+    proc.wait()
+    text = "".join(seen)
+    return "rerunning stats collection" in text and "Running mutation testing" not in text.split(
+        "rerunning stats collection", 1)[1]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ power method, or a counting wrapper around the matvec. These tests were written 
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -514,3 +515,258 @@ def test_fixedpoint_non_finite_residual_reports_infinite_curvature():
     A = torch.diag(torch.tensor([1.0, math.inf], dtype=F64))
     with pytest.raises(bilevel.NeumannDivergenceError, match=r"estimated λ_max is about inf; try alpha=0 "):
         linsolve.FixedPoint(alpha=0.5, maxiter=5)(Counting(A), {"x": torch.tensor([1.0, 1.0], dtype=F64)})
+
+
+# ---- CG residual replacement: restarts, their limit and the budget they share -------------------------------
+
+class Drifting:
+    """v ↦ c v on the true-residual products, but v ↦ c' v on the products inside the CG recursion.
+
+    It plays the float drift of a long recursion in exact, hand-checkable numbers: with c' = 2c each CG round
+    takes one step α = 1/c', its recursive residual is exactly 0, yet the true residual b − c x is only
+    (1 − c/c') times the last one. The calls alternate recursion / measurement, one iteration per round.
+    """
+
+    def __init__(self, true_scale: float, recursion_scale: float):
+        self.true_scale, self.recursion_scale, self.calls = true_scale, recursion_scale, 0
+
+    def __call__(self, v: dict) -> dict:
+        self.calls += 1
+        return {"x": (self.recursion_scale if self.calls % 2 else self.true_scale) * v["x"]}
+
+
+def test_cg_restarts_from_the_true_residual_at_most_restarts_times():
+    """c = 1, c' = 2: the true residual halves each round (exactly 1/2, 1/4, 1/8, 1/16 of ‖b‖), so every round
+    passes the halving test and CG stops after RESTARTS = 3 restarts: 4 iterations, 8 matvecs, x = (15/16) b."""
+    b = {"x": torch.tensor([1.0, -2.0], dtype=F64)}
+    matvec = Drifting(1.0, 2.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x, info = linsolve.CG(maxiter=100, rtol=1e-6)(matvec, b)
+    assert torch.equal(x["x"], 15 / 16 * b["x"])
+    assert info.iterations == 4 and info.matvecs == matvec.calls == 8
+    assert info.residual == 1 / 16 and info.converged is False
+    message = str(caught[0].message)
+    assert message.startswith("CG did not converge: true relative residual ‖b − Hx‖/‖b‖ = 0.0625 > rtol=1e-06")
+    assert "CG stalled after 4 of maxiter=100" in message
+
+
+def test_cg_stops_restarting_when_a_restart_does_not_halve_the_true_residual():
+    """c = 1, c' = 4: the true residual is 3/4 of the last one each round; after the first restart
+    9/16 > 0.5 · 3/4, so CG stops: 2 iterations, x = (1 − 9/16) b."""
+    b = {"x": torch.tensor([1.0, 0.0], dtype=F64)}  # ‖b‖ = 1: 0.5·previous and 0.5/previous differ (3/8, 2/3)
+    matvec = Drifting(1.0, 4.0)
+    (x, info), caught = quiet(linsolve.CG(maxiter=100, rtol=1e-6), matvec, b)
+    assert torch.equal(x["x"], 7 / 16 * b["x"])
+    assert info.iterations == 2 and info.matvecs == 4 and info.residual == 9 / 16 and info.converged is False
+
+
+def test_cg_stops_restarting_exactly_at_the_tolerance_and_halving_exactly_is_progress():
+    """c = 1, c' = 2 with rtol = 1/8: residuals 1/2, 1/4 (exactly half the last: restart), 1/8 = rtol: converged."""
+    b = {"x": torch.tensor([1.0, 0.0], dtype=F64)}
+    (x, info), caught = quiet(linsolve.CG(maxiter=100, rtol=1 / 8), Drifting(1.0, 2.0), b)
+    assert info.iterations == 3 and info.residual == 1 / 8 and info.converged is True and not caught
+
+
+def test_cg_restart_gets_only_the_remaining_iteration_budget():
+    """H = diag(1, 2), b = (1, 1); the first product lies (returns 4b), so round 1 ends at x = b/4 with a
+    recursive residual of 0 but a true one r = (3/4, 1/2). With maxiter = 2 the restart has one iteration
+    left: the steepest-descent step x = b/4 + (rᵀr / rᵀHr) r = b/4 + (13/17) r, and CG stops at maxiter."""
+    H = torch.diag(torch.tensor([1.0, 2.0], dtype=F64))
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return {"x": 4.0 * v["x"]} if len(calls) == 1 else {"x": H @ v["x"]}
+
+    b = {"x": torch.tensor([1.0, 1.0], dtype=F64)}
+    (x, info), caught = quiet(linsolve.CG(maxiter=2, rtol=1e-10), matvec, b)
+    r = torch.tensor([0.75, 0.5], dtype=F64)
+    assert torch.allclose(x["x"], b["x"] / 4 + 13 / 17 * r, rtol=1e-15, atol=0)
+    assert info.iterations == 2 and info.matvecs == len(calls) == 4 and info.converged is False
+    assert "CG stopped at maxiter=2" in str(caught[0].message)
+
+
+def test_cg_step_is_unbiased_at_the_smallest_normal_scale():
+    """H = 1, b = 2⁻⁵¹¹ (so bᵀb = pᵀHp = 2⁻¹⁰²² is the smallest normal float): one exact step x = b."""
+    b = {"x": torch.tensor([2.0 ** -511], dtype=F64)}
+    x, info = linsolve.CG()(Counting(torch.ones(1, 1, dtype=F64)), b)
+    assert torch.equal(x["x"], b["x"]) and info.iterations == 1 and info.converged is True
+
+
+def test_cg_under_vmap_keeps_iterating_finitely_after_convergence_and_at_tiny_curvature():
+    """Under vmap CG spends its whole budget: on H = 2I it converges in one step (x = b/2), after which
+    p = 0 and pᵀHp = 0, which the guard must turn into a zero step, not 0/0. At b = 2⁻⁵¹¹ the curvature is
+    the smallest normal float; the guard must not divide by zero there either."""
+    bs = torch.tensor([[1.0, -3.0], [0.5, 4.0]], dtype=F64)
+    xs = vmap(lambda b: linsolve.CG(maxiter=3)(lambda v: {"x": 2.0 * v["x"]}, {"x": b})[0]["x"])(bs)
+    assert torch.equal(xs, bs / 2)
+    tiny = torch.tensor([[2.0 ** -511], [1.0]], dtype=F64)
+    xs = vmap(lambda b: linsolve.CG(maxiter=2)(lambda v: {"x": v["x"]}, {"x": b})[0]["x"])(tiny)
+    assert torch.isfinite(xs).all() and xs[1, 0] == 1.0
+
+
+# ---- alpha=auto and the power method under vmap and at extreme scales ---------------------------------------
+
+def test_resolve_alpha_under_vmap_gives_each_row_its_own_alpha():
+    """Row i solves with s_i·A: the power estimate scales with s_i, so α_i = 1/(s_i λ̂) and λ_max,i = s_i λ̂."""
+    A, like = spd(4, cond=5.0), rhs(4)
+    lam = float(linsolve.power_iteration(Counting(A), like, 6))
+    scales = torch.tensor([0.5, 1.0, 3.0], dtype=F64)
+
+    def per_row(s):
+        alpha, lam_row, matvecs = linsolve.resolve_alpha("auto", lambda v: {"x": s * (A @ v["x"])}, like, 6)
+        assert matvecs == 6
+        return alpha, lam_row
+
+    alphas, lams = vmap(per_row)(scales)
+    assert torch.allclose(lams, scales * lam, rtol=1e-13, atol=0)
+    assert torch.allclose(alphas, 1.0 / (scales * lam), rtol=1e-13, atol=0)
+    alpha, lam_plain, _ = linsolve.resolve_alpha("auto", Counting(A), like, 6)
+    assert type(alpha) is float and type(lam_plain) is float  # host floats outside vmap
+
+
+def test_resolve_alpha_accepts_any_positive_estimate_below_one():
+    """H = 0.5 I: λ̂ = 0.5 exactly, so α = 2 (a positive estimate below 1 is still positive definite)."""
+    alpha, lam, _ = linsolve.resolve_alpha("auto", lambda v: {"x": 0.5 * v["x"]}, {"x": torch.ones(3, dtype=F64)}, 2)
+    assert lam == pytest.approx(0.5, rel=1e-15) and alpha == pytest.approx(2.0, rel=1e-15)
+
+
+def test_power_iteration_normalises_at_float64_scales_below_float32_range():
+    """H = 1e-200·diag(4, 1, 0.5): the estimate is 1e-200 times the Rayleigh quotient of the unscaled one."""
+    lam = torch.tensor([4.0, 1.0, 0.5], dtype=F64)
+    v0 = torch.randn(3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    estimate = linsolve.power_iteration(lambda v: {"x": 1e-200 * lam * v["x"]}, {"x": torch.zeros(3, dtype=F64)}, 3)
+    expected = 1e-200 * (lam ** 5 * v0 ** 2).sum() / (lam ** 4 * v0 ** 2).sum()
+    assert float(estimate) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_neumann_and_fixedpoint_take_a_batched_tensor_alpha_under_vmap():
+    """Row i uses its own α_i (as Implicit's relative damping passes 1/(λ̂ + δ)): row i is the partial sum
+    S_m(α_i); the not-converged advice is built without reading the batched α on the host."""
+    A = spd(3, cond=3.0)
+    bs = torch.stack([rhs(3, seed=s)["x"] for s in (1, 2)])
+    alphas = torch.tensor([0.1, 0.3], dtype=F64)
+    # Neumann with 4 terms returns S_4; FixedPoint with 3 iterations from 0 returns S_3
+    for make, m in ((lambda a: linsolve.Neumann(alpha=a, terms=4), 4),
+                    (lambda a: linsolve.FixedPoint(alpha=a, maxiter=3), 3)):
+        xs = vmap(lambda b, a: make(a)(lambda v: {"x": A @ v["x"]}, {"x": b})[0]["x"])(bs, alphas)
+        for i in range(2):
+            expected = neumann_partial_sum(A, bs[i], float(alphas[i]), m)
+            assert torch.allclose(xs[i], expected, rtol=1e-12, atol=1e-14)
+    # an unbatched tensor alpha is read as its value
+    (x, info), caught = quiet(linsolve.Neumann(alpha=torch.tensor(0.2, dtype=F64), terms=3), Counting(A), rhs(3))
+    assert torch.allclose(x["x"], neumann_partial_sum(A, rhs(3)["x"], 0.2, 3), rtol=1e-13, atol=1e-15)
+    assert "now alpha=0.2)" in str(caught[0].message)
+
+
+# ---- messages: the solver named, the numbers they report ----------------------------------------------------
+
+def test_auto_alpha_advice_leaves_the_step_size_alone():
+    """α = 1/λ̂ is already the fastest safe step: the not-converged advice goes straight to damping."""
+    A, b = spd(5, cond=4.0), rhs(5)
+    _, caught = quiet(linsolve.Neumann(terms=3), Counting(A), b)
+    assert "slowest along λ_min(H)), add or raise damping" in str(caught[0].message)
+    _, caught = quiet(linsolve.FixedPoint(maxiter=3), Counting(A), b)
+    message = str(caught[0].message)
+    assert message.startswith("FixedPoint did not converge") and "raise maxiter (now 3), add or raise damping" in message
+
+
+def test_fixedpoint_warning_names_the_solver():
+    A, b = spd(5, cond=4.0), rhs(5)
+    _, caught = quiet(linsolve.FixedPoint(alpha=0.2, maxiter=2), Counting(A), b)
+    assert str(caught[0].message).startswith("FixedPoint did not converge: true relative residual")
+
+
+@pytest.mark.skipif(hasattr(linsolve, "x__verdict__mutmut_orig"),
+                    reason="mutmut's trampolines add stack frames, so stacklevel cannot be checked in a mutation run")
+def test_not_converged_warning_points_at_the_solvers_caller():
+    """stacklevel 3: the warning's file and line are the line that called the solver, not linsolve.py."""
+    A, b = spd(5, cond=4.0), rhs(5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        linsolve.FixedPoint(alpha=0.2, maxiter=2)(Counting(A), b)
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+def test_neumann_alpha_error_names_neumann():
+    with pytest.raises(ValueError, match=r"^Neumann\.alpha must be > 0 \(or 'auto'\), got 0\.0$"):
+        linsolve.Neumann(alpha=0.0)
+
+
+def test_neumann_divergence_growth_is_relative_to_the_start_and_curvature_scale_free():
+    """b = 0.01 e₁ on diag(3, 0.5), α = 1: growth 16 (a ratio) at term 5 and curvature 3, though ‖t‖² < 1."""
+    A = torch.diag(torch.tensor([3.0, 0.5], dtype=F64))
+    with pytest.raises(bilevel.NeumannDivergenceError,
+                       match=r"^Neumann series diverged at term 5: the term norm grew to 16 x ‖b‖; alpha=1 is too "
+                             r"large.*about 3; try alpha=0\.167"):
+        linsolve.Neumann(alpha=1.0, terms=50)(Counting(A), {"x": torch.tensor([0.01, 0.0], dtype=F64)})
+
+
+def test_neumann_growth_exactly_at_the_limit_is_not_divergence():
+    """Term j − 1 = (−2)^(j−1) e₁ with growth_limit = 16: 16 at term 5 is not above it; 32 at term 6 is."""
+    A = torch.diag(torch.tensor([3.0, 0.5], dtype=F64))
+    with pytest.raises(bilevel.NeumannDivergenceError, match="diverged at term 6: the term norm grew to 32 x"):
+        linsolve.Neumann(alpha=1.0, terms=50, growth_limit=16.0)(Counting(A), {"x": torch.tensor([1.0, 0.0],
+                                                                                                   dtype=F64)})
+
+
+def test_neumann_non_finite_term_reports_infinite_curvature():
+    A = torch.diag(torch.tensor([1.0, math.inf], dtype=F64))
+    with pytest.raises(bilevel.NeumannDivergenceError, match=r"estimated λ_max is about inf; try alpha=0 "):
+        linsolve.Neumann(alpha=0.5, terms=5)(Counting(A), {"x": torch.tensor([1.0, 1.0], dtype=F64)})
+
+
+def test_neumann_shrink_advice_threshold_and_ratio():
+    """H = [1], α = 2: every term is −1 times the last, so last = first (not growing): 'raise terms'.
+    H = [4], α = 0.55, b = 2: the term ratio is 1.2², reported as last/first = 1.44 whatever ‖b‖."""
+    _, caught = quiet(linsolve.Neumann(alpha=2.0, terms=2), Counting(torch.ones(1, 1, dtype=F64)),
+                      {"x": torch.tensor([2.0], dtype=F64)})
+    assert "raise terms (now 2" in str(caught[0].message) and "did not shrink" not in str(caught[0].message)
+    _, caught = quiet(linsolve.Neumann(alpha=0.55, terms=3), Counting(torch.diag(torch.tensor([4.0], dtype=F64))),
+                      {"x": torch.tensor([2.0], dtype=F64)})
+    assert "the series terms did not shrink (last/first norm 1.44)" in str(caught[0].message)
+
+
+def test_neumann_terms_within_one_part_per_million_of_the_first_count_as_not_growing():
+    """b = 3, H = [1], α = 2.000001⁻ (the float below 2.000001): the second term is −(1 + 1e-6)·b to the last
+    bit (checked below), exactly at the documented 1e-6 slack, so the advice is still 'raise terms'."""
+    alpha = math.nextafter(2.000001, 0.0)
+    b = {"x": torch.tensor([3.0], dtype=F64)}
+    assert abs(3.0 - alpha * 3.0) == 3.0 * (1 + 1e-6)  # the boundary itself, in float64
+    _, caught = quiet(linsolve.Neumann(alpha=alpha, terms=2), Counting(torch.ones(1, 1, dtype=F64)), b)
+    assert "raise terms (now 2" in str(caught[0].message) and "did not shrink" not in str(caught[0].message)
+
+
+# ---- tolerances are relative to ‖b‖ ------------------------------------------------------------------------
+
+def test_exact_converged_compares_the_residual_with_rtol_times_norm_b():
+    """‖b‖ ≈ 2e3: converged flips exactly where rtol crosses the measured relative residual."""
+    A = spd(8, cond=1e14)
+    b = {"x": 1000.0 * rhs(8)["x"]}
+    (_, info), _ = quiet(linsolve.Exact(rtol=1e-15), Counting(A), b)
+    res = info.residual
+    (_, above), caught_above = quiet(linsolve.Exact(rtol=1.5 * res), Counting(A), b)
+    (_, below), caught_below = quiet(linsolve.Exact(rtol=res / 1.5), Counting(A), b)
+    assert above.converged is True and not caught_above
+    assert below.converged is False and len(caught_below) == 1
+
+
+def test_fixedpoint_stops_at_zero_residual_with_rtol_zero():
+    """H = 2I, α = 1/2: one iteration gives x = b/2 and r = 0 exactly, which meets rtol = 0."""
+    b = {"x": torch.tensor([1.0, -3.0], dtype=F64)}
+    matvec = Counting(2.0 * torch.eye(2, dtype=F64))
+    (x, info), caught = quiet(linsolve.FixedPoint(alpha=0.5, maxiter=50, rtol=0.0), matvec, b)
+    assert torch.equal(x["x"], b["x"] / 2) and info.iterations == info.matvecs == matvec.calls == 1
+    assert info.residual == 0.0 and info.converged is True and not caught
+
+
+def test_fixedpoint_stopping_rule_scales_with_norm_b():
+    """b scaled by 100: stops at the smallest m with ‖b − A S_m‖ ≤ rtol‖b‖ (the same m as unscaled)."""
+    A, b = spd(5, cond=4.0), {"x": 100.0 * rhs(5)["x"]}
+    norm_b = torch.linalg.norm(b["x"])
+    m = next(m for m in range(1, 500)
+             if torch.linalg.norm(b["x"] - A @ neumann_partial_sum(A, b["x"], 0.2, m)) <= 1e-3 * norm_b)
+    (x, info), caught = quiet(linsolve.FixedPoint(alpha=0.2, maxiter=500, rtol=1e-3), Counting(A), b)
+    assert info.iterations == m and info.converged is True and not caught

@@ -323,3 +323,276 @@ def test_learned_loss_accepts_int32_labels_and_reshapes_regression_targets():
     assert learned_loss(phi, pred, column, task="regression").item() == pytest.approx(expected.item(), rel=1e-15)
     with pytest.raises(ValueError, match="task='classification'.* int class labels of shape \\(N,\\); got torch.int64"):
         learned_loss(phi, z, labels[:, None])
+
+
+# ---------------------------------------------------------------------------------------------- second round
+# Written against the survivors of ``mutation/run.py losses --rerun-survivors`` with the tests above.
+ABSENT_LAST_CLASS = torch.tensor([0, 1])  # no sample of class 2: the one-hot width must come from the logits
+
+
+@pytest.mark.parametrize("spec, formula", ROBUST_CASES + [
+    ("bootstrap", lambda p, y, t: -sum((0.95 * t[k] + 0.05 * p[k]) * math.log(p[k]) for k in range(3))),
+    ("label_smoothing", lambda p, y, t: -sum((0.9 * t[k] + 0.1 / 3) * math.log(p[k]) for k in range(3))),
+    ("huber", lambda p, y, t: sum(0.5 * (p[k] - t[k]) ** 2 for k in range(3))),
+], ids=[c[0] for c in ROBUST_CASES] + ["bootstrap", "label_smoothing", "huber"])
+def test_robust_losses_when_the_last_class_has_no_sample(spec, formula):
+    """The one-hot targets have C = logits.shape[1] columns even when no label in the batch equals C − 1."""
+    values = []
+    for p, y in zip(softmax_rows(LOGITS), ABSENT_LAST_CLASS.tolist()):
+        values.append(formula(p, y, [1.0 if k == y else 0.0 for k in range(3)]))
+    expected = sum(values) / len(values)
+    assert float(robust.make_loss(spec)(LOGITS, ABSENT_LAST_CLASS)) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_make_loss_refuses_a_value_with_a_second_equals_sign_at_once():
+    """``"gce:q=0.5=1"``: the key is what precedes the FIRST "=", so the value "0.5=1" is refused when the loss is
+    made, not later inside a training step (a key "q=0.5" would only fail when the loss is called)."""
+    with pytest.raises(ValueError, match=r"robust loss 'gce': option q='0.5=1' is not a number; give a float"):
+        robust.make_loss("gce:q=0.5=1")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("gce:q=abc", r"robust loss 'gce': option q='abc' is not a number; give a float, e.g. gce:q=0.5"),
+    ("gce:qq=0.5", r"robust loss 'gce' has no option 'qq'; valid: q \(e.g. gce:q=...\)"),
+    ("sce:gamma=1", r"robust loss 'sce' has no option 'gamma'; valid: alpha, beta, log_zero"),
+    ("mae:q=1", r"robust loss 'mae' has no option 'q'; it takes none: use 'mae'"),
+])
+def test_make_loss_names_a_bad_option_and_the_valid_ones_before_any_call(spec, message):
+    with pytest.raises(ValueError, match=message):
+        robust.make_loss(spec)
+
+
+def test_make_loss_options_reach_the_loss():
+    """``gce:q=0.5`` is (1 − p_y^0.5)/0.5 averaged, by hand from the softmax rows."""
+    expected = sum((1 - p[y] ** 0.5) / 0.5 for p, y in zip(softmax_rows(LOGITS), ABSENT_LAST_CLASS.tolist()))
+    value = float(robust.make_loss("gce:q=0.5")(LOGITS, ABSENT_LAST_CLASS))
+    assert value == pytest.approx(expected / len(ABSENT_LAST_CLASS), rel=1e-12)
+
+
+def test_published_theta_lists_every_valid_name():
+    with pytest.raises(KeyError) as info:
+        taylor.published_theta("focal")
+    assert "published_theta: unknown name 'focal'; valid: itl, arl_ar_a40, arl_dr_a40, arl_ar_s80, arl_dr_s80" in str(
+        info.value)
+
+
+def test_float_targets_message_is_exactly_the_problem_and_the_fix():
+    with pytest.raises(ValueError) as info:
+        taylor.taylor_loss(torch.zeros(2, 3), torch.tensor([0.0, 1.0]), torch.zeros(12), TaylorSpec("itl", 4))
+    assert str(info.value) == "taylor_loss: targets must be integer class indices (use .long()), got floats"
+
+
+# ------------------------------------------------------------------------- Taylor: dtypes of mixed-precision inputs
+Z3 = torch.tensor([[0.3, -1.2, 2.0], [1.5, 0.2, -0.4], [0.0, 0.7, -0.1]], dtype=F64)
+Y3 = torch.tensor([2, 0, 1])
+
+
+def test_float32_coefficients_are_used_exactly_by_float64_logits():
+    """ITL multipliers are 1, so float32 ω (each exactly a float64 number) give the float64-ω loss to the last bit:
+    the one-hot labels and b = y − ω1 are formed in the logits' float64, not in ω's float32."""
+    spec, theta = TaylorSpec("itl", 4), taylor.published_theta("itl")  # float32
+    got = taylor.taylor_loss(Z3, Y3, theta, spec)
+    expected = taylor.taylor_loss(Z3, Y3, theta.to(F64), spec)
+    assert got.dtype == F64 and got.item() == pytest.approx(expected.item(), rel=1e-15, abs=0)
+
+
+def test_float64_coefficients_keep_float32_logits_in_float32():
+    spec, theta = TaylorSpec("itl", 4), taylor.published_theta("itl", dtype=F64)
+    got = taylor.taylor_loss(Z3.float(), Y3, theta, spec)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(taylor.taylor_loss(Z3, Y3, theta, spec).item(), rel=1e-5)
+
+
+def test_loss_range_and_the_normalised_loss_follow_the_coefficients_dtype():
+    """f_min / f_max are computed on the grid cast to θ's dtype; the η-rescaled float32 loss stays float32 and
+    agrees with the float64 computation to float32 precision."""
+    spec = TaylorSpec("arl", 4, normalise=2.0)
+    theta = taylor.published_theta("arl_dr_s80")  # float32
+    f_min, f_max = taylor.loss_range(theta, spec, 3)
+    f_min64, f_max64 = taylor.loss_range(theta.to(F64), spec, 3)
+    assert f_min.dtype == f_max.dtype == torch.float32
+    assert float(f_min) == pytest.approx(float(f_min64), rel=1e-5) and float(f_max) == pytest.approx(float(f_max64), rel=1e-5)
+    loss = taylor.taylor_loss(Z3.float(), Y3, theta, spec)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(taylor.taylor_loss(Z3, Y3, theta.to(F64), spec).item(), rel=1e-4)
+
+
+def test_taylor_loss_module_casts_its_coefficients_to_the_logits_dtype():
+    """A float32 buffer evaluated on float64 logits gives exactly the float64-ω loss (ARL's factorial multipliers
+    1/6, 1/24 ... are applied in float64, not rounded to float32)."""
+    spec = TaylorSpec("arl", 4)
+    module = TaylorLoss(taylor.published_theta("arl_ar_a40"), spec)
+    assert module.theta.dtype == torch.float32
+    expected = taylor.taylor_loss(Z3, Y3, module.theta.to(F64), spec)
+    assert module(Z3, Y3).item() == pytest.approx(expected.item(), rel=1e-15, abs=0)
+
+
+class _NotATensor:
+    """An arbitrary picklable object: a file holding one is not a saved TaylorLoss and must not be unpickled."""
+
+
+def test_taylor_loss_load_never_unpickles_arbitrary_objects(tmp_path, monkeypatch):
+    """``weights_only=True`` is passed explicitly: it holds even where torch's default is not weights-only (torch
+    < 2.6, or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, which overrides only a call that leaves the argument unset)."""
+    import pickle
+    path = tmp_path / "evil.pt"
+    torch.save({"theta": torch.zeros(5), "parameterisation": "itl", "order": 2, "normalise": None,
+                "payload": _NotATensor()}, path)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        TaylorLoss.load(path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        TaylorLoss.load(path)
+
+
+# ------------------------------------------------------------------------- Taylor: the initialisations
+def test_cross_entropy_fit_is_the_minimum_norm_least_squares_solution():
+    """ARL order 4: the design matrix written out here with exact factorials, solved by SVD-based minimum-norm
+    least squares (gelsd), independently of the library's pinv. The fit is ill-conditioned (ab, ab², ab³ coincide
+    on the data), so multipliers rounded to float32 move it by ~6e-6; the bound 1e-8 is 100× the float64 noise."""
+    spec = TaylorSpec("arl", 4)
+    got = taylor.initial_theta(spec, dtype=F64)
+    rows, target = [], []
+    for y in (0.0, 1.0):
+        for p in torch.linspace(0.02, 1.0, 200, dtype=F64).tolist():
+            rows.append([p ** i * y ** j / (math.factorial(i) * math.factorial(j)) for i, j in spec.monomials]
+                        + [float(y == 0.0), float(y == 1.0)])
+            target.append(-math.log(p) if y == 1.0 else 0.0)
+    A, t = torch.tensor(rows, dtype=F64), torch.tensor(target, dtype=F64)[:, None]
+    expected = torch.linalg.lstsq(A, t, driver="gelsd").solution[:-2, 0]
+    assert got[:2].tolist() == [0.0, 0.0]
+    assert torch.allclose(got[2:], expected, rtol=0, atol=1e-8)
+    assert taylor.initial_theta(spec).dtype == torch.float32  # the default dtype of the cross-entropy fit
+    assert torch.equal(taylor.initial_theta(spec), got.float())
+
+
+# ------------------------------------------------------------------------- Taylor: the sign check
+# ℓ = −ab + 2a²b (ITL, centre 0): at the uniform prediction descent raises p_t iff ∂ℓ/∂a(1/C, 1) < ∂ℓ/∂a(1/C, 0),
+# i.e. −1 + 4/C < 0: yes for C = 10, no for C = 3; at random predictions it holds at some points only.
+A2B = torch.zeros(12, dtype=F64)
+A2B[6], A2B[8] = -1.0, 2.0
+ITL4 = TaylorSpec("itl", 4)
+
+
+def hand_rate(theta: torch.Tensor, spec: TaylorSpec, num_classes: int, num_points: int, seed: int) -> float:
+    """The documented rate, by hand: the uniform prediction plus ``num_points`` Dirichlet(1) draws (normalised
+    −log U, U ~ U(0, 1) in float64 from ``manual_seed(seed)``); at each, with ∂L/∂p_i = ℓ_a(p_i, y_i)/C,
+    ∇_z L = (diag p − p pᵀ) ∂L/∂p and ∇_z p_t = p_t (e_t − p); counted where −∇_z p_t · ∇_z L > 0 (t = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    expo = -torch.rand(num_points, num_classes, generator=gen, dtype=F64).log()
+    points = [[1.0 / num_classes] * num_classes] + (expo / expo.sum(-1, keepdim=True)).tolist()
+    w = theta.to(F64).tolist()
+    terms = list(zip(spec.monomials, spec.multipliers, w[2:]))
+    rises = 0
+    for p in points:
+        dl = [sum(m * c * i * (pk - w[0]) ** (i - 1) * ((k == 0) - w[1]) ** j for (i, j), m, c in terms) / num_classes
+              for k, pk in enumerate(p)]
+        mean = sum(pk * g for pk, g in zip(p, dl))
+        grad_loss = [pk * (g - mean) for pk, g in zip(p, dl)]
+        grad_pt = [p[0] * ((k == 0) - pk) for k, pk in enumerate(p)]
+        rises += -sum(a * b for a, b in zip(grad_pt, grad_loss)) > 0
+    return rises / len(points)
+
+
+@pytest.mark.parametrize("classes, points, seed", [(5, 400, 0), (3, 300, 2)])
+def test_true_class_rate_counts_the_documented_points(classes, points, seed):
+    rate = taylor.true_class_rate(A2B, ITL4, classes, num_points=points, seed=seed)
+    assert 0.3 < rate < 0.9  # strictly between: a different point set would change the count
+    assert rate == pytest.approx(hand_rate(A2B, ITL4, classes, points, seed), abs=1e-15)
+
+
+def test_true_class_rate_defaults_are_4000_points_of_10_classes_seed_0():
+    rate = taylor.true_class_rate(A2B, ITL4)
+    assert rate == pytest.approx(hand_rate(A2B, ITL4, 10, 4000, 0), abs=1e-15)
+    assert rate * 4001 == pytest.approx(round(rate * 4001), abs=1e-9) and 0.5 < rate < 1.0
+
+
+def test_true_class_rate_counts_only_strict_rises_and_works_in_float64():
+    # a constant loss (all coefficients 0) has zero gradient: descent never raises p_t, the rate is 0
+    assert taylor.true_class_rate(torch.zeros(12), ITL4, num_points=50) == 0.0
+    # bfloat16 coefficients give the rate of the same numbers in float64: the ARL factorial 1/6 is applied in
+    # float64 (m·ω rounded to bfloat16 moves ℓ = −ab + (5/6) a³b by ~0.2 %, enough to flip 1 of these 2001 points)
+    spec, theta = TaylorSpec("arl", 4), torch.zeros(12, dtype=torch.bfloat16)
+    theta[6], theta[9] = -1.0, 5.0
+    rate = taylor.true_class_rate(theta, spec, 3, num_points=2000)
+    assert 0.5 < rate < 1.0
+    assert rate == taylor.true_class_rate(theta.to(F64), spec, 3, num_points=2000)
+    assert rate == pytest.approx(hand_rate(theta, spec, 3, 2000, 0), abs=1e-15)
+
+
+def test_descent_check_passes_its_arguments_through():
+    # defaults: the same 4000 points as true_class_rate's defaults (threshold inclusive, so r passes, r + ε fails)
+    r = taylor.true_class_rate(A2B, ITL4)
+    assert taylor.descent_raises_true_class(A2B, ITL4, min_fraction=r)
+    assert not taylor.descent_raises_true_class(A2B, ITL4, min_fraction=r + 1e-9)
+    # the seed reaches the random points
+    r1 = taylor.true_class_rate(A2B, ITL4, num_points=300, seed=1)
+    assert r1 != taylor.true_class_rate(A2B, ITL4, num_points=300, seed=0)
+    assert taylor.descent_raises_true_class(A2B, ITL4, num_points=300, min_fraction=r1, seed=1)
+    assert not taylor.descent_raises_true_class(A2B, ITL4, num_points=300, min_fraction=r1 + 1e-9, seed=1)
+    # the uniform check uses num_classes: −1 + 4/C < 0 holds for C = 10, not for C = 3 (see A2B)
+    assert taylor.true_class_rate(A2B, ITL4, 3, num_points=0) == 0.0
+    assert not taylor.descent_raises_true_class(A2B, ITL4, 3, num_points=100, min_fraction=0.0)
+    # ... and only the uniform prediction: seed 3's first random point fails, which must not fail the uniform check
+    assert hand_rate(A2B, ITL4, 10, 1, 3) == 0.5
+    assert taylor.descent_raises_true_class(A2B, ITL4, 10, num_points=50, min_fraction=0.5, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------- loss network, round 2
+def hand_network(phi: dict, target: float, prediction: float, gamma: float, beta: float) -> float:
+    h = [target, prediction]
+    n = len([k for k in phi if k.startswith("w")])
+    for i in range(n):
+        w = phi[f"w{i}"].tolist()
+        h = [sum(w[r][c] * h[c] for c in range(len(h))) for r in range(len(w))]
+        if i < n - 1:
+            h = [(1 - gamma) * math.log(math.exp(beta * v) + 1) / beta + gamma * v for v in h]
+    return h[0]
+
+
+def test_loss_network_on_a_matrix_with_non_default_activation():
+    """(N, C) inputs give an (N, C) output, each entry the hand forward pass with γ = 0.25, β = 2."""
+    phi = init_loss_network(hidden=3, seed=5, dtype=F64)
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=F64)
+    prediction = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]], dtype=F64)
+    got = loss_network(phi, target, prediction, gamma=0.25, beta=2.0)
+    assert got.shape == (2, 3)
+    for n in range(2):
+        for c in range(3):
+            expected = hand_network(phi, float(target[n, c]), float(prediction[n, c]), 0.25, 2.0)
+            assert got[n, c].item() == pytest.approx(expected, rel=1e-13)
+
+
+def test_loss_network_casts_the_target_to_the_prediction_dtype():
+    """A float64 target with float32 predictions and weights: computed in float32 like a float32 target."""
+    phi = init_loss_network(hidden=3, seed=5)
+    p = torch.tensor([0.2, 0.9])
+    got = loss_network(phi, torch.tensor([0.0, 1.0], dtype=F64), p)
+    assert got.dtype == torch.float32 and torch.equal(got, loss_network(phi, torch.tensor([0.0, 1.0]), p))
+
+
+def test_default_seed_and_bias_dtype():
+    params = init_loss_network(hidden=3)
+    g = torch.Generator().manual_seed(0)  # the documented default seed
+    for i, fan_in, fan_out in ((0, 2, 3), (1, 3, 3), (2, 3, 1)):
+        expected = (torch.rand(fan_out, fan_in, generator=g, dtype=F64) * 2 - 1) / math.sqrt(fan_in)
+        assert torch.allclose(params[f"w{i}"].double(), expected, rtol=1e-7, atol=0)
+    with_bias = init_loss_network(hidden=3, bias=True)
+    assert {v.dtype for v in with_bias.values()} == {torch.float32}
+
+
+def test_learned_loss_when_the_last_class_has_no_sample():
+    """The one-hot width is the logits' C even when no label equals C − 1: the mean of ℓ_φ(onehot_k, p_k) over the
+    N·C entries, each by the hand forward pass."""
+    phi = init_loss_network(hidden=3, seed=6, dtype=F64)
+    got = learned_loss(phi, LOGITS, ABSENT_LAST_CLASS)
+    entries = [hand_network(phi, float(k == y), p[k], 0.01, 10.0)
+               for p, y in zip(softmax_rows(LOGITS), ABSENT_LAST_CLASS.tolist()) for k in range(3)]
+    assert got.item() == pytest.approx(sum(entries) / len(entries), rel=1e-13)
+
+
+def test_learned_loss_refuses_unbatched_logits():
+    """(C,) logits with (1,) labels: refused before any work, naming the shape and the fix (a batch of one)."""
+    phi = init_loss_network(hidden=3, dtype=F64)
+    with pytest.raises(ValueError, match=r"logits of shape \(N, C\); got shape \(3,\): pass a batch.*unsqueeze\(0\)"):
+        learned_loss(phi, torch.tensor([0.1, 0.5, -0.3], dtype=F64), torch.tensor([2]))

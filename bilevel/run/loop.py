@@ -14,6 +14,7 @@ Models are never ``prepare``d (DDP wrappers break torch.func transforms); params
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import sys
 import time
@@ -28,7 +29,9 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from .. import compiled
 from ..context import RunContext
+from ..declare import Nested
 from ..errors import NonFiniteError
 from ..divergence import DEFAULT_FACTOR, DEFAULT_WINDOW, check_divergence_options
 from ..outer import OuterLoop
@@ -62,6 +65,7 @@ class RunSpec:
     keep_checkpoints: int = 2
     divergence_factor: Optional[float] = DEFAULT_FACTOR  # OuterLoop's divergence guard (0/None: off)
     divergence_window: int = DEFAULT_WINDOW
+    compile: bool = False  # the inner steps compiled (InnerLoop(compile=True), bilevel.compiled)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -190,7 +194,8 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
     ctx = RunContext(solver_spec=spec.solver, seed=spec.seed, device=accelerator.device,
                      num_processes=accelerator.num_processes, process_index=accelerator.process_index,
                      _map=make_split_map(accelerator), _autocast=accelerator.autocast)
-    declaration = module.build(cfg, ctx)
+    declaration = _compiled_if_asked(module.build(cfg, ctx), spec)
+    compile_before = compiled.compile_stats()  # process-wide counters: this run reports its own part
 
     def reduce(grads):
         return accelerator.reduce({k: g.detach().to(accelerator.device).contiguous() for k, g in grads.items()},
@@ -222,7 +227,7 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
     resolved = {"problem": spec.problem, "solver": loop.solver_spec, "steps": spec.steps, "seed": spec.seed,
                 "processes": accelerator.num_processes, "mixed_precision": spec.mixed_precision,
                 "divergence_factor": spec.divergence_factor, "divergence_window": spec.divergence_window,
-                "config": config_table}
+                "compile": spec.compile, "config": config_table}
     accelerator.init_trackers(run_dir.name or "run", config={k: str(v) for k, v in resolved.items()})
     if accelerator.is_main_process:
         artifacts.write_json(run_dir / "config.json", resolved)
@@ -254,6 +259,11 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
         bar.close()
 
     final = loop.evaluate()
+    if accelerator.is_main_process and spec.compile:  # compile time is in the first steps' step_seconds: say how much
+        stats = {k: v - compile_before[k] for k, v in compiled.compile_stats().items()}
+        print(f"bilevel run: --compile: {stats['calls']:.0f} compiled inner steps, {stats['graphs']:.0f} graph(s) "
+              f"compiled in {stats['compile_seconds']:.1f} s (included in the step_seconds of the steps that "
+              "compiled them)", file=sys.stderr)
     if accelerator.is_main_process:
         artifacts.save_params(loop.outer, run_dir / "outer.safetensors")
         artifacts.write_json(run_dir / "final.json", final)
@@ -263,6 +273,16 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
     is_main = accelerator.is_main_process
     accelerator.end_training()
     return final if is_main else None
+
+
+def _compiled_if_asked(declaration: Any, spec: RunSpec) -> Any:
+    """The declaration with ``InnerLoop(compile=True)`` when the run asks for ``--compile``."""
+    if not spec.compile:
+        return declaration
+    if not isinstance(declaration, Nested):
+        raise ValueError(f"--compile compiles inner-loop steps, but problem {spec.problem!r} is single-level (no inner "
+                         "loop); drop --compile")
+    return dataclasses.replace(declaration, loop=dataclasses.replace(declaration.loop, compile=True))
 
 
 def _finish_trackers(accelerator: Accelerator) -> None:

@@ -128,7 +128,9 @@ def tape_objective_grad(objective: Callable[[Params], tuple[Tensor, Any]], phi: 
     with torch.enable_grad():
         leaves = tape_leaves(phi)
         value, aux = objective(leaves)
-        found = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        # a value that reaches no leaf (K = 0 and an F that does not read φ) has derivative 0, not an error
+        found = (torch.autograd.grad(value, list(leaves.values()), allow_unused=True) if value.requires_grad
+                 else [None] * len(leaves))
     return fill_none(found, phi), value.detach(), aux
 
 

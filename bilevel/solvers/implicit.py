@@ -23,8 +23,8 @@ backward passes through that one graph (:class:`~bilevel.autodiff.TapeHessian`),
 no gradient of its own (one inner-loss evaluation fewer than on torch.func, which linearises ∇θG for the
 HVPs and again for the mixed vjp). Under ``vmap`` the same maths runs on torch.func.
 
-Diagnostics never lie: besides the linear solve's true ``residual`` and ``converged`` (NaN under vmap,
-where it cannot be known), every call reports the stationarity it differentiated at,
+Diagnostics never lie: besides the linear solve's true ``residual`` (batched under vmap) and ``converged``
+(NaN under vmap, where no host-side decision can be made), every call reports the stationarity it differentiated at,
 ``inner_grad_norm`` = ‖∇θG(θ_K, φ)‖ and ``inner_grad_norm_rel`` = ‖∇θG(θ_K, φ)‖ / ‖∇θG(θ_0, φ)‖, both on
 the Hessian batch ``inner_batch(K)``, and warns (:class:`~bilevel.errors.StationarityWarning`) when the
 ratio exceeds ``stationarity_rtol``: the IFT's premise ∇θG = 0 does not hold there. With a warm-started

@@ -94,6 +94,9 @@ def learned_loss(phi: Params, outputs: Tensor, targets: Tensor, task: str = "cla
         if targets.dim() != 1 or targets.dtype not in (torch.int64, torch.int32):
             raise ValueError("learned_loss(task='classification') takes int class labels of shape (N,); got "
                              f"{targets.dtype} {tuple(targets.shape)}")
+        if outputs.dim() != 2:
+            raise ValueError("learned_loss(task='classification') takes logits of shape (N, C); got shape "
+                             f"{tuple(outputs.shape)}: pass a batch, e.g. logits.unsqueeze(0) for one example")
         prediction = outputs.softmax(-1)
         target = F.one_hot(targets.long(), outputs.shape[-1]).to(outputs.dtype)
     elif task == "regression":

@@ -25,6 +25,7 @@ Explicit choices (the papers differ or are silent):
 """
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Callable
 
@@ -133,8 +134,18 @@ def make_loss(spec: str) -> LossFn:
     name, _, opts = spec.partition(":")
     if name not in LOSSES:
         raise KeyError(f"unknown robust loss {name!r}; valid: {', '.join(LOSSES)}")
+    # the options each loss takes: its keyword parameters after (logits, labels)
+    valid = [p for p in inspect.signature(LOSSES[name]).parameters][2:]
     kwargs = {}
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
-        kwargs[key.strip()] = float(value)
+        key = key.strip()
+        if key not in valid:
+            fix = f"valid: {', '.join(valid)} (e.g. {name}:{valid[0]}=...)" if valid else f"it takes none: use {name!r}"
+            raise ValueError(f"robust loss {name!r} has no option {key!r}; {fix}")
+        try:
+            kwargs[key] = float(value)
+        except ValueError:
+            raise ValueError(f"robust loss {name!r}: option {key}={value!r} is not a number; give a float, "
+                             f"e.g. {name}:{key}=0.5") from None
     return partial(LOSSES[name], **kwargs) if kwargs else LOSSES[name]

@@ -327,6 +327,51 @@ def _dot(a, b):
     return sum((a[k] * b[k]).sum() for k in a)
 
 
+ITERATIVE = ("cg", "neumann", "fixedpoint")
+
+
+def hw_iterative_solve(method: str, matvec: Callable[[dict], dict], b: dict, *, maxiter: int, rtol: float,
+                       alpha: float, terms: int) -> dict:
+    """x ≈ A⁻¹b by the textbook iteration ``method`` (cg, neumann, fixedpoint) on dicts of tensors, as minimal as
+    the hand-written baselines should be: CG stops when ‖r‖ ≤ rtol‖b‖ or after ``maxiter`` steps; Neumann is
+    α Σ_{j<terms} (I − αA)^j b; fixed point x ← x + α(b − Ax) from 0."""
+    if method == "cg":
+        x = {k: torch.zeros_like(v) for k, v in b.items()}
+        r = dict(b)
+        d, rs = r, _dot(r, r)
+        tol = rtol * math.sqrt(float(rs))
+        for _ in range(maxiter):
+            if math.sqrt(float(rs)) <= tol:
+                break
+            hd = matvec(d)
+            a = rs / _dot(d, hd)
+            x = {k: x[k] + a * d[k] for k in x}
+            r = {k: r[k] - a * hd[k] for k in r}
+            rs_new = _dot(r, r)
+            d = {k: r[k] + (rs_new / rs) * d[k] for k in r}
+            rs = rs_new
+        return x
+    if method == "neumann":
+        term, total = b, b
+        for _ in range(terms - 1):
+            h = matvec(term)
+            term = {k: term[k] - alpha * h[k] for k in term}
+            total = {k: total[k] + term[k] for k in total}
+        return {k: alpha * v for k, v in total.items()}
+    if method == "fixedpoint":
+        x = {k: torch.zeros_like(v) for k, v in b.items()}
+        r = dict(b)
+        bn = math.sqrt(float(_dot(b, b)))
+        for _ in range(maxiter):
+            if math.sqrt(float(_dot(r, r))) <= rtol * bn:
+                break
+            x = {k: x[k] + alpha * r[k] for k in x}
+            hx = matvec(x)
+            r = {k: b[k] - hx[k] for k in b}
+        return x
+    raise ValueError(f"hw_iterative_solve: unknown method {method!r}; choose from {ITERATIVE}")
+
+
 def hw_implicit(p: Problem, method: str, *, maxiter: int = 100, rtol: float = 1e-6, alpha: float = 0.01,
                 terms: int = 15, damping: float = 0.0) -> dict:
     """K steps, then IFT with a hand-written linear solve (cg / neumann / fixedpoint / exact) of (H + δI)x = ∇θF,
@@ -341,39 +386,8 @@ def hw_implicit(p: Problem, method: str, *, maxiter: int = 100, rtol: float = 1e
         matvec = lambda v: {k: h + damping * v[k] for k, h in hvp_vjp(v)[0].items()}
     else:
         matvec = lambda v: hvp_vjp(v)[0]
-    if method == "cg":
-        x = {k: torch.zeros_like(v) for k, v in gt.items()}
-        r = dict(gt)
-        d = r
-        rs = _dot(r, r)
-        tol = rtol * math.sqrt(float(rs))
-        for _ in range(maxiter):
-            if math.sqrt(float(rs)) <= tol:
-                break
-            hd = matvec(d)
-            a = rs / _dot(d, hd)
-            x = {k: x[k] + a * d[k] for k in x}
-            r = {k: r[k] - a * hd[k] for k in r}
-            rs_new = _dot(r, r)
-            d = {k: r[k] + (rs_new / rs) * d[k] for k in r}
-            rs = rs_new
-    elif method == "neumann":
-        term, total = gt, gt
-        for _ in range(terms - 1):
-            h = matvec(term)
-            term = {k: term[k] - alpha * h[k] for k in term}
-            total = {k: total[k] + term[k] for k in total}
-        x = {k: alpha * v for k, v in total.items()}
-    elif method == "fixedpoint":
-        x = {k: torch.zeros_like(v) for k, v in gt.items()}
-        r = dict(gt)
-        bn = math.sqrt(float(_dot(gt, gt)))
-        for _ in range(maxiter):
-            if math.sqrt(float(_dot(r, r))) <= rtol * bn:
-                break
-            x = {k: x[k] + alpha * r[k] for k in x}
-            hx = matvec(x)
-            r = {k: gt[k] - hx[k] for k in gt}
+    if method in ITERATIVE:
+        x = hw_iterative_solve(method, matvec, gt, maxiter=maxiter, rtol=rtol, alpha=alpha, terms=terms)
     elif method == "exact":
         keys, shapes = list(gt), [v.shape for v in gt.values()]
         sizes = [v.numel() for v in gt.values()]

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch.autograd import forward_ad
 
-from common import Problem
+from common import ITERATIVE, Problem, hw_iterative_solve
 
 
 def _leaves(d: dict) -> dict:
@@ -58,10 +58,6 @@ def run(p: Problem, theta: dict, phi: dict, steps: int, vel: Optional[dict] = No
     return theta, vel
 
 
-def _dot(a: dict, b: dict) -> torch.Tensor:
-    return sum((a[k] * b[k]).sum() for k in a)
-
-
 def implicit(p: Problem, method: str, *, maxiter: int = 100, rtol: float = 1e-6, alpha: float = 0.01,
              terms: int = 15, damping: float = 0.0) -> dict:
     """K steps, then IFT: ∇φF − (∂²G/∂φ∂θ)ᵀ x with (H + δI) x = ∇θF solved by ``method``."""
@@ -81,38 +77,8 @@ def implicit(p: Problem, method: str, *, maxiter: int = 100, rtol: float = 1e-6,
         hv = torch.autograd.grad(g, list(theta.values()), [v[k] for k in tk], retain_graph=True)
         return {k: h + damping * v[k] for k, h in zip(tk, hv)} if damping else dict(zip(tk, hv))
 
-    if method == "cg":
-        x = {k: torch.zeros_like(v) for k, v in gt.items()}
-        r = dict(gt)
-        d, rs = r, _dot(r, r)
-        tol = rtol * math.sqrt(float(rs))
-        for _ in range(maxiter):
-            if math.sqrt(float(rs)) <= tol:
-                break
-            hd = matvec(d)
-            a = rs / _dot(d, hd)
-            x = {k: x[k] + a * d[k] for k in x}
-            r = {k: r[k] - a * hd[k] for k in r}
-            rs_new = _dot(r, r)
-            d = {k: r[k] + (rs_new / rs) * d[k] for k in r}
-            rs = rs_new
-    elif method == "neumann":
-        term, total = gt, gt
-        for _ in range(terms - 1):
-            h = matvec(term)
-            term = {k: term[k] - alpha * h[k] for k in term}
-            total = {k: total[k] + term[k] for k in total}
-        x = {k: alpha * v for k, v in total.items()}
-    elif method == "fixedpoint":
-        x = {k: torch.zeros_like(v) for k, v in gt.items()}
-        r = dict(gt)
-        bn = math.sqrt(float(_dot(gt, gt)))
-        for _ in range(maxiter):
-            if math.sqrt(float(_dot(r, r))) <= rtol * bn:
-                break
-            x = {k: x[k] + alpha * r[k] for k in x}
-            hx = matvec(x)
-            r = {k: gt[k] - hx[k] for k in gt}
+    if method in ITERATIVE:
+        x = hw_iterative_solve(method, matvec, gt, maxiter=maxiter, rtol=rtol, alpha=alpha, terms=terms)
     elif method == "exact":
         sizes, shapes = [v.numel() for v in gt.values()], [v.shape for v in gt.values()]
         n = sum(sizes)

@@ -103,7 +103,7 @@ def run_jax(python: str, problem, settings: dict, methods: list[str], repeats: i
 # --------------------------------------------------------------------------------------------------
 # JAX side
 # --------------------------------------------------------------------------------------------------
-def _status_kib(key: str) -> int:
+def _status_kib(key: str) -> int:  # common._status_kib's twin: this side runs where torch (common) is absent
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(key + ":"):

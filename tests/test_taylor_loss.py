@@ -8,6 +8,7 @@ import torch
 from bilevel.problems.losses import (PUBLISHED, PUBLISHED_SIGN, PUBLISHED_SPECS, TaylorLoss, TaylorSpec,
                              descent_raises_true_class, initial_theta, loss_range, published_theta, taylor_loss,
                              true_class_rate)
+from taylor_reference import hand_eq35, hand_range
 
 torch.set_num_threads(1)
 
@@ -17,13 +18,6 @@ def hand_eq10(p, y, w):
     a, b = p - w[0], y - w[1]
     return (w[2] * a + w[3] * a**2 + w[4] * a**3 + w[5] * a**4 + w[6] * a * b + w[7] * a * b**2
             + w[8] * a**2 * b + w[9] * a**3 * b + w[10] * a * b**3 + w[11] * a**2 * b**2)
-
-
-def hand_eq35(p, y, w):
-    """Eq. 3.5 of the thesis (ARL) typed out term by term, with its factorials."""
-    a, b = p - w[0], y - w[1]
-    return (w[2] * a + w[3] * a**2 / 2 + w[4] * a**3 / 6 + w[5] * a**4 / 24 + w[6] * a * b + w[7] * a * b**2 / 2
-            + w[8] * a**2 * b / 2 + w[9] * a**3 * b / 6 + w[10] * a * b**3 / 6 + w[11] * a**2 * b**2 / 4)
 
 
 @pytest.mark.parametrize("param,hand", [("itl", hand_eq10), ("arl", hand_eq35)])
@@ -177,20 +171,6 @@ def test_published_itl_trains_and_printed_itl_does_not():
     spec = TaylorSpec("itl", 4)
     assert _train_softmax_regression(TaylorLoss(published_theta("itl"), spec), lr=0.5) > 0.9
     assert _train_softmax_regression(TaylorLoss(published_theta("itl", as_printed=True), spec), lr=0.5) < 0.2
-
-
-def hand_range(w, classes=10):
-    """(f_min, f_max) of eq. A.2 written out: the per-sample loss (1/C)[ℓ(t, 1) + Σ_wrong ℓ(q, 0)] (eq. 3.5) over
-    the documented grid: true-class probability t = i/100, the rest 1 − t spread uniformly over the other
-    classes, put on one wrong class, or split evenly over two."""
-    values = []
-    for i in range(101):
-        top = i / 100
-        rest = 1 - top
-        for wrong in ([rest / (classes - 1)] * (classes - 1), [rest] + [0.0] * (classes - 2),
-                      [rest / 2, rest / 2] + [0.0] * (classes - 3)):
-            values.append((hand_eq35(top, 1.0, w) + sum(hand_eq35(q, 0.0, w) for q in wrong)) / classes)
-    return min(values), max(values)
 
 
 def test_arl_normalisation_maps_range_to_eta():

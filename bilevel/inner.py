@@ -117,17 +117,27 @@ class InnerLoop:
             create_graph: on the autograd path, whether the step must stay differentiable (None: decided as
                 the module docstring says). Ignored on the torch.func path, which is always differentiable.
         """
+        new, opt_state, loss, _ = self.step_with_gradient(problem, inner, opt_state, outer, batch, path=path,
+                                                          create_graph=create_graph)
+        return new, opt_state, loss
+
+    def step_with_gradient(self, problem: BilevelProblem, inner: Params, opt_state: Any, outer: Params, batch: Batch,
+                           *, path: Optional[str] = None, create_graph: Optional[bool] = None
+                           ) -> tuple[Params, Any, Tensor, Params]:
+        """:meth:`step`, also returning the gradient ∇θG(θ, φ) on ``batch`` that the step took (a graph
+        node when the step is differentiable), so that a one-step solver need not compute it again for its
+        stationarity diagnostic."""
         path = choose_path((*inner.values(), *outer.values())) if path is None else check_path(path)
         if path == FUNC:
             return self._func_step(problem, inner, opt_state, outer, batch)
-        new, opt_state, loss, _ = self._tape_step(problem, inner, opt_state, outer, batch, create_graph)
-        return new, opt_state, loss
+        new, opt_state, loss, _, grads = self._tape_step(problem, inner, opt_state, outer, batch, create_graph)
+        return new, opt_state, loss, grads
 
     def _func_step(self, problem: BilevelProblem, inner: Params, opt_state: Any, outer: Params, batch: Batch
-                   ) -> tuple[Params, Any, Tensor]:
+                   ) -> tuple[Params, Any, Tensor, Params]:
         grads, loss = grad_and_value(problem.inner, argnums=0)(inner, outer, batch)
         new, opt_state = self._update(grads, opt_state, inner)
-        return new, opt_state, loss
+        return new, opt_state, loss, grads
 
     def _update(self, grads: Params, opt_state: Any, inner: Params) -> tuple[Params, Any]:
         """The optimiser update from the gradient: (new inner, new state), pure (``inplace=False``)."""
@@ -154,8 +164,9 @@ class InnerLoop:
         return new, opt_state, loss
 
     def _tape_step(self, problem: BilevelProblem, inner: Params, opt_state: Any, outer: Params, batch: Batch,
-                   create_graph: Optional[bool]) -> tuple[Params, Any, Tensor, bool]:
-        """The step on the autograd tape; also returns whether it recorded a graph (``create_graph``)."""
+                   create_graph: Optional[bool]) -> tuple[Params, Any, Tensor, bool, Params]:
+        """The step on the autograd tape; also returns whether it recorded a graph (``create_graph``) and the
+        gradient it took."""
         grad_mode = torch.is_grad_enabled()
         if create_graph is None and grad_mode and (_tracked(inner.values()) or _tracked(_tensor_leaves(opt_state))):
             create_graph = True
@@ -169,7 +180,7 @@ class InnerLoop:
         # The update is recorded only when the step must stay differentiable; otherwise it is plain arithmetic.
         with torch.set_grad_enabled(create_graph):
             new, opt_state = self._update(grads, opt_state, inner)
-        return new, opt_state, (loss if create_graph else loss.detach()), create_graph
+        return new, opt_state, (loss if create_graph else loss.detach()), create_graph, grads
 
     def run(self, problem: BilevelProblem, inner: Params, outer: Params, batches: Batch, *,
             steps: Optional[int] = None, opt_state: Any = None, start: int = 0, check_finite: bool = True,
@@ -189,7 +200,7 @@ class InnerLoop:
         for k in range(start, start + n):
             batch = batch_at(batches, k)
             if path == FUNC:
-                inner, opt_state, loss = self._func_step(problem, inner, opt_state, outer, batch)
+                inner, opt_state, loss, _ = self._func_step(problem, inner, opt_state, outer, batch)
             else:
                 if (graph is False and create_graph is None and callable(batches) and torch.is_grad_enabled()
                         and _tracked(_tensor_leaves(batch))):
@@ -198,7 +209,7 @@ class InnerLoop:
                     # no graph is needed: known once a tape step found nothing tracked (or the caller said so)
                     inner, opt_state, loss = self._compiled_step(problem, inner, opt_state, outer, batch)
                 else:
-                    inner, opt_state, loss, graph = self._tape_step(problem, inner, opt_state, outer, batch, graph)
+                    inner, opt_state, loss, graph, _ = self._tape_step(problem, inner, opt_state, outer, batch, graph)
             losses.append(loss.detach())
         stacked = torch.stack(losses) if losses else torch.zeros(0)
         if check_finite and losses and not is_batched(stacked):

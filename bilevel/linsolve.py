@@ -188,14 +188,20 @@ class CG:
         batched = any_batched(b.values())
         b_norm = tree.norm(b)
         tol = max(self.rtol * float(b_norm), self.atol) if not batched else None
+        # CG's recursion squares residual norms (rs = ‖r‖²), which underflow in float32 for ‖b‖ below ~1e-19
+        # (a tiny b would read as solved at x = 0) and overflow above ~1e19. H is linear, so CG solves
+        # H y = b/s with s = ‖b‖ and returns x = s·y; s = 1 when b = 0 or b is not finite.
+        s = torch.where((b_norm > 0) & torch.isfinite(b_norm), b_norm, torch.ones_like(b_norm)).detach()
+        b = tree.scale(b, 1 / s)
+        tol_scaled = tol / float(s) if tol is not None else None
         if x0 is None:
             x, r, matvecs = tree.zeros_like(b), dict(b), 0
         else:
-            x, matvecs = x0, 1
-            r = tree.sub(b, matvec(x0))
+            x, matvecs = tree.scale(x0, 1 / s), 1
+            r = tree.sub(b, matvec(x))
         iterations, restarts, previous = 0, 0, math.inf
         while True:
-            x, r, done = self._iterate(matvec, x, r, tol, self.maxiter - iterations, batched, iterations)
+            x, r, done = self._iterate(matvec, x, r, tol_scaled, self.maxiter - iterations, batched, iterations)
             iterations += done
             matvecs += done
             if done:  # r was updated recursively: measure the true residual of x
@@ -204,10 +210,10 @@ class CG:
             r_norm = tree.norm(r)
             if batched or not done or iterations >= self.maxiter or restarts >= self.RESTARTS:
                 break
-            true_norm = float(r_norm)
+            true_norm = float(r_norm)  # of the scaled system
             # Stop when the tolerance is met, or when a restart no longer halves the true residual: CG has
             # then reached its attainable accuracy (about machine epsilon times the condition number).
-            if true_norm <= tol or true_norm > 0.5 * previous:
+            if true_norm <= tol_scaled or true_norm > 0.5 * previous:
                 break
             previous, restarts = true_norm, restarts + 1  # restart from the true residual
         if iterations < self.maxiter:
@@ -218,8 +224,8 @@ class CG:
             fix = (f"CG stopped at maxiter={self.maxiter} before reaching it: raise maxiter, add damping=... (e.g. "
                    "damping=0.01,relative_damping=true) to improve the conditioning, or check that the inner Hessian "
                    "is positive definite (run the inner loop longer).")
-        residual, converged = _verdict("CG", r_norm, b_norm, tol, self.rtol, batched, fix)
-        return x, LinearSolveInfo(iterations, matvecs, residual, converged)
+        residual, converged = _verdict("CG", r_norm * s, b_norm, tol, self.rtol, batched, fix)
+        return tree.scale(x, s), LinearSolveInfo(iterations, matvecs, residual, converged)
 
     def _iterate(self, matvec: MatVec, x: Params, r: Params, tol: Optional[float], budget: int, batched: bool,
                  offset: int) -> tuple[Params, Params, int]:
@@ -238,10 +244,11 @@ class CG:
             curvature = tree.dot(p, hp)
             if not batched and not float(curvature) > 0:
                 raise IndefiniteHessianError(
-                    f"CG: pᵀHp = {float(curvature):.3g} <= 0 at iteration {offset + done}: the inner Hessian is not "
-                    "positive definite (a saddle or an unconverged inner loop), and CG needs H ≻ 0. Add an L2 "
-                    "term to inner_loss, run the inner loop closer to a minimum, or use neumann/fixedpoint with "
-                    "alpha < 2/λ_max (they tolerate small negative eigenvalues for a few terms).")
+                    f"CG: pᵀHp/pᵀp = {float(curvature / tree.dot(p, p)):.3g} <= 0 at iteration {offset + done}: the "
+                    "inner Hessian is not positive definite (a saddle or an unconverged inner loop), and CG needs "
+                    "H ≻ 0. Add an L2 term to inner_loss, run the inner loop closer to a minimum, or use "
+                    "neumann/fixedpoint with alpha < 2/λ_max (they tolerate small negative eigenvalues for a few "
+                    "terms).")
             # Under vmap no host check is possible; guard the step against zero curvature (then r = 0 already).
             alpha = rs / (curvature + tiny) if batched else rs / curvature
             x = tree.axpy(alpha, p, x)

@@ -50,8 +50,21 @@ def dot(a: Params, b: Params) -> Tensor:
 
 
 def norm(a: Params) -> Tensor:
-    """Euclidean norm over all leaves."""
-    return torch.sqrt(dot(a, a))
+    """Euclidean norm over all leaves, ‖a‖ = m · sqrt(Σ (a/m)²) with m = max |a|.
+
+    Scaling by m keeps the sum of squares in range: sqrt(<a, a>) underflows to 0 in float32 for
+    ‖a‖ < ~1e-19 and overflows for ‖a‖ > ~1e19, which would make a linear solve's relative residual
+    0/0 or read a tiny right-hand side as zero. m = 0 (a zero vector) and a non-finite m are not scaled
+    (the result is then 0, inf or NaN as it should be). No host read: works under vmap.
+    """
+    leaves = [v for v in a.values() if v.numel()]
+    if not leaves:
+        return dot(a, a).sqrt()
+    peak = torch.stack([v.detach().abs().amax() for v in leaves]).amax()
+    # m is detached: the norm is the same function of a either way, and the scale need not be differentiated
+    scale_ = torch.where((peak > 0) & torch.isfinite(peak), peak, torch.ones_like(peak))
+    scaled = {k: v / scale_ for k, v in a.items()}
+    return scale_ * torch.sqrt(dot(scaled, scaled))
 
 
 def zeros_like(a: Params) -> Params:

@@ -75,8 +75,9 @@ def prepare(cfg: dict, work: Path, baseline: bool = False) -> None:
         # a test file not written yet is left out (the first run measures the tests that exist)
         "pytest_add_cli_args_test_selection": [t for t in cfg["tests"] if (work / t).exists()],
         # ``deselect`` (optional, in the module's toml): tests of the subset that fail on the unmutated code
-        # because of work in progress elsewhere; mutmut needs a green subset to start, and a deselected test
-        # kills nothing (the score says so by being lower, never higher).
+        # because of work in progress elsewhere (mutmut needs a green subset to start), or that cost a compile
+        # or a subprocess per mutant; a deselected test kills nothing (the score says so by being lower, never
+        # higher).
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-x", "-q"]
         + [arg for test in cfg.get("deselect", []) for arg in ("--deselect", test)],
         # A mutant that loops (e.g. a solver that never stops) is stopped and counted as killed (timeout). With

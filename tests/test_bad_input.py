@@ -157,7 +157,7 @@ def test_cg_on_an_indefinite_hessian_names_the_problem():
     """A saddle (eigenvalues 2 and −1): CG's curvature pᵀHp turns non-positive and it says so."""
     matrix = torch.tensor([[2.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
     b = {"x": torch.tensor([1.0, 1.0], dtype=torch.float64)}
-    with pytest.raises(bilevel.IndefiniteHessianError, match=r"pᵀHp = -?\d.* <= 0 at iteration \d+: the inner "
+    with pytest.raises(bilevel.IndefiniteHessianError, match=r"pᵀHp/pᵀp = -?\d.* <= 0 at iteration \d+: the inner "
                                                              r"Hessian is not positive definite.*Add an L2 term"):
         bilevel.CG(maxiter=10)(lambda v: {"x": matrix @ v["x"]}, b)
 

@@ -8,11 +8,15 @@ small: every test runs in milliseconds.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
+import locale
 import math
 import os
+import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ import torch
 from bilevel.run import checkpoint as ckpt
 from bilevel.run import serialize
 from bilevel.run.checkpoint import CheckpointError
+from torchopt.transform.scale_by_adam import ScaleByAdamState
 
 torch.set_num_threads(1)
 
@@ -303,6 +308,7 @@ DECODE_ERRORS = [
     ({"$": "zzz"}, {}, "tree['x']: unknown node {'$': 'zzz'}"),
     ({"$": "float"}, {}, "tree['x']: malformed 'float' node (KeyError: 'bits')"),
     ({"$": "list", "items": "ab"}, {}, "tree['x']: expected a JSON array, got 'ab'"),
+    ({"$": "dict", "items": {"k": 1}}, {}, "tree['x']: expected a JSON array, got {'k': 1}"),
     ({"$": "tuple", "items": [1, {"$": "zzz"}]}, {}, "tree['x'][1]: unknown node {'$': 'zzz'}"),
     ({"$": "dict", "items": [["a"]]}, {}, "tree['x']: a dict item must be [str-or-int key, node], got ['a']"),
     ({"$": "dict", "items": [[1.5, 1]]}, {}, "tree['x']: a dict item must be [str-or-int key, node], got [1.5, 1]"),
@@ -507,6 +513,9 @@ def test_a_shared_container_is_not_a_cycle():
      "convert it with .to_dense() first"),
     ({"m": np.matrix([[1.0]])}, "cannot store tree['m']: type numpy.matrix is not storable."),
     ({"o": collections.defaultdict(int)}, "cannot store tree['o']: type collections.defaultdict is not storable."),
+    # inside an allowlisted NamedTuple: the path continues with the field name
+    ({"opt": ScaleByAdamState(mu=(torch.zeros(1), {1}), nu=(), count=torch.zeros(1))},
+     "cannot store tree['opt'].mu[1]: type builtins.set is not storable."),
 ])
 def test_unstorable_values_name_their_exact_path(tree, message):
     with pytest.raises(TypeError) as info:
@@ -645,3 +654,79 @@ def test_a_class_with_fields_that_is_not_a_tuple_is_not_a_namedtuple():
 
     with pytest.raises(TypeError, match="only NamedTuple and dataclass types can be stored"):
         serialize.register_class(FieldsOnly)
+
+
+def test_save_tree_into_an_existing_folder_replaces_both_files(tmp_path):
+    """The folder may exist already (it is created only if missing); a second save overwrites the first."""
+    first = {"a": torch.arange(3.0), "b": [1, 2]}
+    second = {"c": torch.tensor([7], dtype=torch.int16)}
+    assert serialize.save_tree(tmp_path, first, fsync=False) == tmp_path  # pytest's tmp_path exists already
+    assert serialize.save_tree(tmp_path, second, fsync=False) == tmp_path
+    assert names(tmp_path) == ["state.json", "tensors.safetensors"]
+    out = serialize.load_tree(tmp_path)
+    assert list(out) == ["c"] and out["c"].dtype == torch.int16 and out["c"].tolist() == [7]
+
+
+@contextlib.contextmanager
+def ascii_locale():
+    """Switch this process's LC_CTYPE to "C", whose codeset is ASCII: the locale's encoding (what ``open`` uses
+    without ``encoding=``) then cannot decode any non-ASCII byte. Yields that encoding's name."""
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield locale.getpreferredencoding(False)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)
+
+
+def test_state_json_is_ascii_on_disk_and_read_as_utf8_whatever_the_locale(tmp_path):
+    """The file format does not depend on the machine's locale: save_tree writes pure ASCII (every non-ASCII
+    character, even a lone surrogate, as a \\u escape) and load_tree decodes UTF-8, so a state.json holding raw
+    UTF-8 (another JSON writer's, or a hand edit) loads under an ASCII locale too."""
+    tree = {"é": ["ü€", "\ud800"]}
+    with ascii_locale() as encoding:
+        if sys.flags.utf8_mode or encoding.lower().replace("-", "") == "utf8":
+            pytest.skip("Python's UTF-8 mode ignores the locale's codeset")
+        assert serialize.save_tree(tmp_path / "a", tree, fsync=False) == tmp_path / "a"
+        assert (tmp_path / "a" / "state.json").read_bytes() == (
+            b'{"format":"bilevel-tree","version":1,"tensors":0,"root":{"$":"dict","items":'
+            b'[["\\u00e9",{"$":"list","items":["\\u00fc\\u20ac","\\ud800"]}]],"ordered":false}}')
+        assert serialize.load_tree(tmp_path / "a") == tree
+        raw = {"format": "bilevel-tree", "version": 1, "tensors": 0,
+               "root": {"$": "dict", "items": [["é", {"$": "list", "items": ["ü€"]}]]}}
+        (tmp_path / "a" / "state.json").write_bytes(json.dumps(raw, ensure_ascii=False).encode("utf-8"))
+        assert serialize.load_tree(tmp_path / "a") == {"é": ["ü€"]}
+    (tmp_path / "a" / "state.json").write_bytes(b'{"format": "bilevel-tree", "s": "\xe9"}')  # Latin-1, not UTF-8
+    with pytest.raises(serialize.TreeFormatError) as info:
+        serialize.load_tree(tmp_path / "a")
+    assert str(info.value).startswith(f"{tmp_path / 'a' / 'state.json'} is not valid JSON (UnicodeDecodeError: "
+                                      "'utf-8' codec can't decode byte 0xe9")
+
+
+class _Exploit:
+    """Unpickling this would create ``path``: the marker that shows whether a loader executed the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_an_unreadable_tensor_file_names_the_file_and_the_real_cause(tmp_path):
+    """A truncated tensor file, or a pickle put in its place, is refused with the file's name and the underlying
+    error's type and text; the pickle is never executed."""
+    folder = serialize.save_tree(tmp_path / "t", {"x": torch.ones(3)}, fsync=False)
+    tensor_path = folder / "tensors.safetensors"
+    marker = tmp_path / "executed"
+    for content in (tensor_path.read_bytes()[:-4], pickle.dumps({"x": _Exploit(str(marker))})):
+        tensor_path.write_bytes(content)
+        with pytest.raises(serialize.TreeFormatError) as info:
+            serialize.load_tree(folder)
+        cause = info.value.__cause__
+        assert type(cause).__name__ == "SafetensorError"
+        assert str(info.value) == f"{tensor_path} is unreadable (SafetensorError: {cause})"
+        assert str(cause).startswith("Error while deserializing header")
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Exploit(str(marker))))  # the control: unpickling the payload does run it
+    assert marker.exists()

@@ -266,8 +266,8 @@ CALLS = {
     "unroll:truncate=2": lambda m: (K + 2, K + 2, 1),
     "unroll:checkpoint=true": lambda m: (3 * K + 2, 3 * K + 2, 1),  # forward, recompute, one vjp per step
     "forward:chunk_size=1": lambda m: (D * K + 2, D * K + 2, D),  # one run per direction on both paths
-    "onestep": lambda m: (3, 3, 1),  # the step, stationarity at θ' and θ
-    "onestep:mode=finite_difference": lambda m: (5, 5, 1),  # + ∇φG at θ ± εv
+    "onestep": lambda m: (2, 2, 1),  # the step, stationarity at θ' (at θ: the step's own gradient)
+    "onestep:mode=finite_difference": lambda m: (4, 4, 1),  # + ∇φG at θ ± εv
     "cmaes:popsize=4": lambda m: (5 * K, 5 * K, 5),  # 4 candidates and the new mean; nothing differentiated
 }
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -103,16 +103,22 @@ def stationarity(norm_k: Tensor, norm_0: Tensor) -> dict[str, float | Tensor]:
 
 
 def unrolled_stationarity(problem: BilevelProblem, theta_0: Params, theta_k: Params, phi: Params,
-                          inner_batch: Batch | Callable[[int], Batch], steps: int, path: str = FUNC
-                          ) -> dict[str, float | Tensor]:
+                          inner_batch: Batch | Callable[[int], Batch], steps: int, path: str = FUNC,
+                          gradient_0: Optional[Params] = None) -> dict[str, float | Tensor]:
     """:func:`stationarity` of a solver that differentiates the K-step loop itself (unroll, forward, onestep).
 
     Both gradients are taken on the batch of the last inner step, ``inner_batch(K − 1)`` (the only batch
-    for full-batch training): the loop's own objective at its end. Costs two gradients (on ``path``).
+    for full-batch training): the loop's own objective at its end. Costs two gradients (on ``path``), or
+    one when the caller passes ``gradient_0`` = ∇θG(θ_0, φ) on that batch (a one-step solver has it from its
+    step; it is used only outside autocast, since the diagnostic is taken in full precision).
     """
     batch = batch_at(inner_batch, max(steps - 1, 0))
-    return stationarity(inner_gradient_norm(problem, theta_k, phi, batch, path),
-                        inner_gradient_norm(problem, theta_0, phi, batch, path))
+    device_type = next(iter(theta_0.values())).device.type
+    if gradient_0 is not None and not torch.is_autocast_enabled(device_type):
+        norm_0 = tree.norm(tree.detach(gradient_0))
+    else:
+        norm_0 = inner_gradient_norm(problem, theta_0, phi, batch, path)
+    return stationarity(inner_gradient_norm(problem, theta_k, phi, batch, path), norm_0)
 
 
 def solver_path(inner: Params, outer: Params, prefer: str = AUTOGRAD) -> str:

@@ -12,9 +12,10 @@ The returned ``inner`` is θ', and the state carries the inner optimiser state, 
 model online. Outside torch.func transforms the step and its derivative run on the autograd tape (one
 ``create_graph`` gradient, one backward pass), under transforms on torch.func (:mod:`bilevel.paths`; the
 path is reported as ``diagnostics["autodiff_path"]``). Cost: one inner gradient plus one backward
-through it (exact), or two extra mixed gradients (finite_difference), plus two inner gradients for the
+through it (exact), or two extra mixed gradients (finite_difference), plus one inner gradient for the
 diagnostics ``inner_grad_norm`` = ‖∇θG(θ', φ)‖ and ``inner_grad_norm_rel`` = ‖∇θG(θ', φ)‖ / ‖∇θG(θ, φ)‖,
-both on the step's batch.
+both on the step's batch (‖∇θG(θ, φ)‖ is the step's own gradient; under autocast, where that gradient is
+in reduced precision, a second full-precision gradient is spent on it).
 
 dθ'/dφ = −η ∂²G/∂φ∂θ(θ) depends on θ: under a multiplicative penalty such as exp(φ)·θ², it vanishes at
 θ = 0, and a one-step lookahead from all-zero weights returns an exactly zero hypergradient. The
@@ -70,24 +71,30 @@ class OneStep:
         theta, phi, batch = tree.detach(inner), tree.detach(outer), batch_at(inner_batch, 0)
         if self.mode == "exact":
             def objective(p):
-                th, st, loss = loop.step(problem, theta, state, p, batch, path=path, create_graph=True)
+                th, st, loss, g0 = loop.step_with_gradient(problem, theta, state, p, batch, path=path,
+                                                           create_graph=True)
                 value = problem.outer(th, p, outer_batch)
-                return value, (value.detach(), tree.detach(th), st, loss.detach())
+                return value, (value.detach(), tree.detach(th), st, loss.detach(), tree.detach(g0))
 
             if path == AUTOGRAD:
-                hypergrad, value, (_, theta_new, new_state, loss) = tape_objective_grad(objective, phi)
+                hypergrad, value, (_, theta_new, new_state, loss, gradient_0) = tape_objective_grad(objective, phi)
             else:
-                hypergrad, (value, theta_new, new_state, loss) = grad(objective, has_aux=True)(phi)
+                hypergrad, (value, theta_new, new_state, loss, gradient_0) = grad(objective, has_aux=True)(phi)
         else:
-            theta_new, new_state, loss = loop.step(problem, theta, state, phi, batch, path=path, create_graph=False)
+            theta_new, new_state, loss, gradient_0 = loop.step_with_gradient(problem, theta, state, phi, batch,
+                                                                             path=path, create_graph=False)
             value, g_theta, hypergrad = value_and_grads(outer_fn(problem, outer_batch), theta_new, phi, path)
             if self.mode == "finite_difference":
                 hypergrad = tree.sub(hypergrad, self._second_order(problem, theta, phi, batch, g_theta, loop, path))
         theta_new = tree.detach(theta_new)
+        # ‖∇θG(θ)‖ is read from the step's own gradient (same point, same batch): one diagnostic gradient,
+        # at θ', not two (outside autocast, where the step's gradient is in full precision)
+        reused = not torch.is_autocast_enabled(next(iter(theta.values())).device.type)
         diagnostics = {"inner_loss": scalar(loss), "outer_loss": scalar(value), "inner_steps": 1.0,
                        "hvp_count": 1.0 if self.mode == "exact" else 0.0,
-                       "evaluations": (3.0 if self.mode == "finite_difference" else 1.0) + 2.0,
-                       **unrolled_stationarity(problem, theta, theta_new, phi, inner_batch, 1, path),
+                       "evaluations": (3.0 if self.mode == "finite_difference" else 1.0) + (1.0 if reused else 2.0),
+                       **unrolled_stationarity(problem, theta, theta_new, phi, inner_batch, 1, path,
+                                               gradient_0=gradient_0),
                        "autodiff_path": path}
         hypergrad = tree.detach(hypergrad)
         warn_if_zero_hypergradient(hypergrad, f"OneStep(mode={self.mode!r})", ZERO_REASONS[self.mode])

@@ -654,6 +654,27 @@ def test_inner_gradient_norm_is_full_precision_under_autocast(path):
     assert got.dtype == torch.float32 and rel(got, exact) <= 1e-5
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_onestep_reuses_its_step_gradient_for_the_start_norm_only_outside_autocast(path):
+    """‖∇θG(θ)‖ is the step's own gradient outside autocast (one diagnostic gradient: evaluations 1 + 1); under
+    bfloat16 autocast the step's gradient is rounded, so a full-precision gradient is spent (1 + 2) and the
+    start norm is still the float32 one."""
+    problem, inner, outer, (Xb, yb), outer_batch = ridge(dtype=torch.float32)
+    w = {"w": torch.linspace(-1.0, 1.0, 5)}
+    lr = 0.1
+    w64, phi64, batch64 = w["w"].double(), outer["log_lambda"].double(), (Xb.double(), yb.double())
+    g0 = inner_grad(w64, phi64, batch64)[1]
+    g1 = inner_grad(w64 - lr * g0, phi64, batch64)[1]
+    for autocast, evaluations, bound in ((False, 2.0, 1e-5), (True, 3.0, 5e-2)):
+        with bilevel.autodiff_path(path), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            d = bilevel.hypergrad(problem, w, outer, inner_batch=(Xb, yb), outer_batch=outer_batch, solver="onestep",
+                                  loop=bilevel.InnerLoop(steps=1, lr=lr)).diagnostics
+        assert d["evaluations"] == evaluations, (autocast, d["evaluations"])
+        # θ' itself comes from a bfloat16 step under autocast (bound 5e-2); the start norm is float32 (1e-5)
+        assert rel(d["inner_grad_norm"] / d["inner_grad_norm_rel"], g0.norm()) <= 1e-5, autocast
+        assert rel(d["inner_grad_norm"], g1.norm()) <= bound, autocast
+
+
 # ---- registry -----------------------------------------------------------------------------------------------------
 
 KIND_OF = {"cg": "implicit", "neumann": "implicit", "fixedpoint": "implicit", "exact": "implicit",
@@ -805,3 +826,133 @@ def test_registry_construction_errors():
     options = {n: d for n, _, d in entry.options()}
     assert options["warm_start"] is True and options["tol"] == 1e-3 and "damping" in options
     assert entry.build(tol=0.5, damping=0.1) == bilevel.Implicit(linsolve=Plain(0.5), damping=0.1, warm_start=True)
+
+
+# ---- the last survivors: leaf offsets of a chunk, warning frames, CMA-ES diagnostics, cache and dtypes -------------
+
+def three_leaf_problem():
+    """θ ∈ R³, φ = {a: (2,), b: scalar, c: (2,)} flattened in order to φ̄ ∈ R⁵:
+
+    G = ½ θᵀAθ + θᵀBφ̄,   F = ½‖θ − t‖² + ½ Σ_i w_i φ̄_i²   (w = 1, ..., 5).
+
+    Leaf sizes 2, 1, 2: in a chunk's basis the third leaf starts at column 3 = 2 + 1, which only the running sum of
+    the sizes gives (the second leaf's offset is the first leaf's size either way)."""
+    gen = torch.Generator().manual_seed(7)
+    Q = torch.randn(3, 3, generator=gen, dtype=DT)
+    A, B = Q @ Q.T / 3 + torch.eye(3, dtype=DT), torch.randn(3, 5, generator=gen, dtype=DT)
+    t, w = torch.randn(3, generator=gen, dtype=DT), torch.arange(1, 6, dtype=DT)
+
+    def flat(outer):
+        return torch.cat([outer[k].reshape(-1) for k in ("a", "b", "c")])
+
+    problem = bilevel.BilevelProblem(
+        lambda i, o, batch: 0.5 * i["t"] @ (A @ i["t"]) + i["t"] @ (B @ flat(o)),
+        lambda i, o, batch: 0.5 * ((i["t"] - t) ** 2).sum() + 0.5 * (w * flat(o) ** 2).sum())
+    outer = {"a": torch.randn(2, generator=gen, dtype=DT), "b": torch.tensor(0.4, dtype=DT),
+             "c": torch.randn(2, generator=gen, dtype=DT)}
+    return problem, {"t": torch.randn(3, generator=gen, dtype=DT)}, outer
+
+
+@pytest.mark.parametrize("spec", ["forward", "forward:chunk_size=2", "forward:chunk_size=3"])
+def test_forward_chunks_cut_each_basis_row_at_the_running_leaf_offsets(spec):
+    """torch.func forward mode on three outer leaves (sizes 2, 1, 2) against plain autograd through 4 SGD steps
+    (relative error ≤ 1e-10 per leaf): chunks of 5, 2 + 2 + 1 and 3 + 2 directions."""
+    problem, inner, outer = three_leaf_problem()
+    want = hand_momentum_hypergrad(problem, inner, outer, 4, 0.1, 0.0)  # μ = 0: plain SGD
+    with bilevel.autodiff_path("func"):
+        result = bilevel.hypergrad(problem, inner, outer, inner_batch=None, outer_batch=None, solver=spec,
+                                   loop=bilevel.InnerLoop(steps=4, lr=0.1))
+    for key in ("a", "b", "c"):
+        assert result.hypergrad[key].shape == outer[key].shape
+        assert rel(result.hypergrad[key], want[key]) <= BOUND, key
+
+
+@pytest.mark.parametrize("spec", ["forward", "unroll", "onestep"])
+def test_the_zero_hypergradient_warning_skips_exactly_the_three_library_frames(spec, monkeypatch):
+    """stacklevel 4 (``warnings.warn`` ← ``warn_if_zero_hypergradient`` ← the solver's ``__call__`` ← ``hypergrad``
+    ← the caller), read from the call: test_no_inner_step_gives_an_exact_zero_when_f_ignores_phi checks where it
+    lands, but not under the mutation tool, whose wrappers add frames. Ridge from w = 0, one step: the
+    hypergradient is exactly 0 (see test_onestep_zero_hypergradient_names_the_mode_and_the_likely_reason)."""
+    calls = []
+    monkeypatch.setattr(warnings, "warn", lambda message, category=None, stacklevel=1, **kw:
+                        calls.append((category, stacklevel)))
+    steps = 0 if spec != "onestep" else 1
+    bilevel.hypergrad(PROBLEM, {"w": torch.zeros(5, dtype=DT)}, PHI, inner_batch=(X, Y), outer_batch=OUTER_BATCH,
+                      solver=spec, loop=bilevel.InnerLoop(steps=steps, lr=0.1))
+    assert calls == [(bilevel.ZeroHypergradientWarning, 4)]
+
+
+def recording_map(record: list):
+    """A ``map_fn`` that evaluates in order (as the default) and keeps every list of results it returned."""
+    def map_fn(fn, items):
+        results = [fn(x) for x in items]
+        record.append(results)
+        return results
+    return map_fn
+
+
+def test_cmaes_without_the_mean_reports_exactly_the_candidates_statistics():
+    """evaluate_mean=false: the scores are F(θ_K(φ_i), φ_i) of the candidates a replay of the start asks for
+    (relative error ≤ 1e-12 against loop.run by hand); the diagnostics are exactly these keys: the outer loss is the
+    best score, the mean is numpy's, σ the strategy's after tell, and no inner loss."""
+    record, loop = [], bilevel.InnerLoop(steps=2, lr=LR)
+    solver = CMAES(popsize=4, sigma=0.2, seed=3, evaluate_mean=False, map_fn=recording_map(record))
+    result = bilevel.hypergrad(PROBLEM, THETA0, PHI, inner_batch=(X, Y), outer_batch=OUTER_BATCH, solver=solver,
+                               loop=loop)
+    assert len(record) == 1  # the candidates only, no run at the mean
+    scores = record[0]
+    for candidate, score in zip(solver.init(PROBLEM, THETA0, PHI).strategy.ask(), scores):
+        phi = {"log_lambda": torch.as_tensor(candidate, dtype=DT)}
+        theta = loop.run(PROBLEM, THETA0, phi, (X, Y))[0]
+        assert rel(score, PROBLEM.outer(theta, phi, OUTER_BATCH)) <= 1e-12
+    assert result.diagnostics == {
+        "outer_loss": min(scores), "best_candidate_loss": min(scores), "mean_candidate_loss": float(np.mean(scores)),
+        "sigma": float(result.state.strategy.sigma), "nonfinite_candidates": 0.0,
+        "best_index": float(np.argmin(scores)), "inner_steps": 2.0, "hvp_count": 0.0, "evaluations": 4.0}
+
+
+def test_cmaes_replays_its_strategy_once_per_resume_not_once_per_generation(monkeypatch):
+    """The live strategy travels in the returned state: three chained generations replay once (the start, generation
+    0); a state rebuilt from its numbers (as a checkpoint loads it) replays once more, its 3 generations."""
+    replayed, original = [], CMAESState.replay
+
+    def counting_replay(self):
+        replayed.append(self.generation)
+        return original(self)
+
+    monkeypatch.setattr(CMAESState, "replay", counting_replay)
+    solver, loop, state = CMAES(popsize=3, sigma=0.2, seed=2), bilevel.InnerLoop(steps=1, lr=LR), None
+    for _ in range(3):
+        state = bilevel.hypergrad(PROBLEM, THETA0, PHI, inner_batch=(X, Y), outer_batch=OUTER_BATCH, solver=solver,
+                                  loop=loop, state=state).state
+    assert replayed == [0] and state.generation == 3
+    loaded = CMAESState(state.x0, state.sigma0, state.popsize, state.seed, state.fitness)
+    bilevel.hypergrad(PROBLEM, THETA0, PHI, inner_batch=(X, Y), outer_batch=OUTER_BATCH, solver=solver, loop=loop,
+                      state=loaded)
+    assert replayed == [0, 3]
+
+
+def test_cmaes_emits_no_warning_when_it_builds_advances_or_replays_a_strategy():
+    """cma's own ``seed`` option is switched off with NaN: passed None, cma's option parser evaluates its default
+    ('time') and warns "name 'time' is not defined" on every new strategy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = bilevel.hypergrad(PROBLEM, THETA0, PHI, inner_batch=(X, Y), outer_batch=OUTER_BATCH,
+                                   solver="cmaes:popsize=3", loop=bilevel.InnerLoop(steps=1, lr=LR))
+        replayed = result.state.replay()
+    assert replayed.countiter == 1
+
+
+def test_cmaes_takes_bfloat16_outer_params_which_numpy_cannot_hold():
+    """bfloat16 has no numpy dtype: the start mean is the outer params read exactly in float64, and the
+    pseudo-gradient is m_old − m_new rounded once to bfloat16 (bitwise)."""
+    bf16 = torch.bfloat16
+    problem = bilevel.BilevelProblem(lambda i, o, batch: 0.5 * ((i["t"] - o["a"].sum()) ** 2).sum(),
+                                     lambda i, o, batch: (i["t"] ** 2).sum() + (o["a"] ** 2).sum())
+    inner, outer = {"t": torch.zeros(1, dtype=bf16)}, {"a": torch.tensor([0.1, 0.3], dtype=bf16)}
+    state = CMAES(popsize=4, sigma=0.3).init(problem, inner, outer)
+    assert torch.equal(state.x0, outer["a"].to(DT))
+    result = bilevel.hypergrad(problem, inner, outer, inner_batch=None, outer_batch=None,
+                               solver=CMAES(popsize=4, sigma=0.3), loop=bilevel.InnerLoop(steps=2, lr=0.5))
+    step = torch.from_numpy(state.x0.numpy() - result.state.strategy.mean).to(bf16)
+    assert result.hypergrad["a"].dtype == bf16 and torch.equal(result.hypergrad["a"], step)

@@ -810,3 +810,26 @@ def test_float32_solves_of_tiny_and_huge_rhs_are_scaled_copies_of_the_unit_solve
     assert 0 < info.residual <= solver.rtol
     err = float(torch.linalg.norm(x["x"].double() / magnitude - exact) / torch.linalg.norm(exact))
     assert err <= 10 * solver.rtol, err
+
+
+def test_cg_outside_vmap_divides_by_the_curvature_itself_even_near_the_smallest_float32():
+    """H = 1e-35·I in float32 (a normal number, 1000× the smallest one): outside vmap α = rᵀr/pᵀHp exactly, so
+    one step gives x = b/1e-35 and CG stops after 1 iteration. The vmap guard pᵀHp + tiny (tiny = 1.18e-38)
+    would move α by 0.12 % here and need a restart."""
+    scale = 1e-35
+    b = {"x": torch.tensor([0.6, 0.8])}
+    x, info = linsolve.CG(maxiter=10, rtol=1e-6)(lambda v: {"x": scale * v["x"]}, b)
+    assert info.iterations == 1 and info.converged is True
+    torch.testing.assert_close(x["x"].double(), b["x"].double() / scale, rtol=1e-6, atol=0)
+
+
+def test_cg_under_vmap_adds_tiny_to_the_curvature():
+    """Under vmap (no host check of pᵀHp > 0) the step is α = rᵀr/(pᵀHp + tiny). On H = 1e-35·I in float32 with
+    one iteration that is x = b/(1e-35 + 1.18e-38), 0.12 % short of b/1e-35: the guard's sign and size show."""
+    scale, tiny = 1e-35, torch.finfo(torch.float32).tiny
+    bs = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    xs = vmap(lambda b: linsolve.CG(maxiter=1)(lambda v: {"x": scale * v["x"]}, {"x": b})[0]["x"])(bs)
+    # CG runs on b/‖b‖ (here ‖b‖ = 1, so rᵀr = 1 and pᵀHp = 1e-35 in float32)
+    want = bs.double() / (float(torch.tensor(scale)) + tiny)
+    torch.testing.assert_close(xs.double(), want, rtol=1e-6, atol=0)
+    assert float((xs.double() / (bs.double() / scale))[0, 0]) < 1 - 1e-3

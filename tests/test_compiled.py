@@ -107,6 +107,25 @@ def test_compiled_momentum_loop_matches_the_heavy_ball_recurrence(aot_eager):
     assert rel_error(w, {"w": heavy_ball(outer, ib, inner["w"], 0.1, 0.8, 30)}) <= 1e-12
 
 
+@pytest.mark.parametrize("settings, whole_step", [
+    ({"optimizer": "sgd"}, True),                              # θ − ηg as one graph
+    ({"optimizer": "sgd", "weight_decay": 0.1}, False),        # torchopt's decayed update stays eager
+    ({"optimizer": "momentum", "momentum": 0.8}, False),
+])
+def test_plain_sgd_compiles_the_whole_step_other_updates_only_the_gradient(aot_eager, monkeypatch, settings,
+                                                                           whole_step):
+    """Which compiled function runs each step: ``sgd_step`` (gradient and update in one graph) only for plain SGD
+    without weight decay, ``grad_and_value_step`` (gradient compiled, update eager) otherwise."""
+    seen = []
+    for name in ("sgd_step", "grad_and_value_step"):
+        original = getattr(compiled, name)
+        monkeypatch.setattr(compiled, name, lambda *a, _f=original, _n=name: seen.append(_n) or _f(*a))
+    problem, inner, outer, ib, _ = ridge(d=5)
+    with torch.no_grad():
+        bilevel.InnerLoop(steps=4, lr=0.1, compile=True, **settings).run(problem, inner, outer, ib)
+    assert seen == 4 * ["sgd_step" if whole_step else "grad_and_value_step"]
+
+
 @pytest.mark.parametrize("spec", ["cg:maxiter=50,rtol=1e-12", "neumann:alpha=0.5,terms=400"])
 def test_implicit_hypergradient_through_a_compiled_loop_matches_the_closed_form(aot_eager, spec):
     """IFT at the converged compiled iterate equals the closed-form ridge hypergradient; φ gets no graph."""

@@ -5,10 +5,12 @@ All functions are pure: they return new dicts and never modify their inputs, so 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
 
 from .errors import StructureError
 
@@ -50,18 +52,31 @@ def dot(a: Params, b: Params) -> Tensor:
 
 
 def norm(a: Params) -> Tensor:
-    """Euclidean norm over all leaves, ‖a‖ = m · sqrt(Σ (a/m)²) with m = max |a|.
+    """Euclidean norm over all leaves, without under- or overflow.
 
-    Scaling by m keeps the sum of squares in range: sqrt(<a, a>) underflows to 0 in float32 for
-    ‖a‖ < ~1e-19 and overflows for ‖a‖ > ~1e19, which would make a linear solve's relative residual
-    0/0 or read a tiny right-hand side as zero. m = 0 (a zero vector) and a non-finite m are not scaled
-    (the result is then 0, inf or NaN as it should be). No host read: works under vmap.
+    sqrt(<a, a>) underflows to 0 in float32 for ‖a‖ below ~1e-19 and overflows above ~1e19 (float64: 1e-154,
+    1e154), which would make a linear solve's relative residual 0/0 or read a tiny right-hand side as zero.
+    So the plain value is returned only where its sum of squares is safe: finite and at least
+    sqrt(tiny)/eps (dropped subnormal squares then cost less than eps relative); otherwise, and under torch.func
+    transforms (where the value cannot be read on the host), ‖a‖ = m · sqrt(Σ (a/m)²) with m = max |a|
+    (:func:`_scaled_norm`, about 5× the cost). NaN stays NaN.
     """
+    plain = torch.sqrt(dot(a, a))
+    if not _functorch.is_functorch_wrapped_tensor(plain):
+        value = float(plain)
+        info = torch.finfo(plain.dtype)
+        if math.isnan(value) or (math.isfinite(value) and value >= math.sqrt(info.tiny) / info.eps):
+            return plain
+    return _scaled_norm(a)
+
+
+def _scaled_norm(a: Params) -> Tensor:
+    """m · sqrt(Σ (a/m)²), m = max |a| (detached: the norm is the same function of a either way); m = 0 (a zero
+    vector) and a non-finite m are not scaled. No host read: works under vmap."""
     leaves = [v for v in a.values() if v.numel()]
     if not leaves:
         return dot(a, a).sqrt()
     peak = torch.stack([v.detach().abs().amax() for v in leaves]).amax()
-    # m is detached: the norm is the same function of a either way, and the scale need not be differentiated
     scale_ = torch.where((peak > 0) & torch.isfinite(peak), peak, torch.ones_like(peak))
     scaled = {k: v / scale_ for k, v in a.items()}
     return scale_ * torch.sqrt(dot(scaled, scaled))

@@ -8,6 +8,7 @@ they are :class:`Implicit`'s fields plus the linear solver's (``cg`` → :class:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, Optional
@@ -24,6 +25,13 @@ _SCALARS = (int, float, bool, str)
 
 def _primitive_fields(cls: type, skip: tuple[str, ...] = ()) -> list[Option]:
     """The dataclass fields of ``cls`` whose type is a scalar or a union of scalars (spec options)."""
+    return list(_primitive_fields_of(cls, skip))
+
+
+@functools.lru_cache(maxsize=None)
+def _primitive_fields_of(cls: type, skip: tuple[str, ...]) -> tuple[Option, ...]:
+    """:func:`_primitive_fields`, computed once per class: ``typing.get_type_hints`` evaluates the annotations
+    every time (about 0.1 ms, paid by every ``hypergrad`` call that names its solver by a spec string)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -31,7 +39,7 @@ def _primitive_fields(cls: type, skip: tuple[str, ...] = ()) -> list[Option]:
         args = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
         if f.name not in skip and args and all(a in _SCALARS for a in args):
             out.append((f.name, kind, f.default))
-    return out
+    return tuple(out)
 
 
 class SolverEntry:

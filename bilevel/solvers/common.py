@@ -102,6 +102,12 @@ def stationarity(norm_k: Tensor, norm_0: Tensor) -> dict[str, float | Tensor]:
     return {"inner_grad_norm": scalar(norm_k), "inner_grad_norm_rel": scalar(rel)}
 
 
+def full_precision(params: Params) -> bool:
+    """Whether gradients taken now at ``params`` are in full precision (no autocast on their device), so that a
+    step's own gradient can serve a diagnostic that must be taken in full precision."""
+    return not torch.is_autocast_enabled(next(iter(params.values())).device.type)
+
+
 def unrolled_stationarity(problem: BilevelProblem, theta_0: Params, theta_k: Params, phi: Params,
                           inner_batch: Batch | Callable[[int], Batch], steps: int, path: str = FUNC,
                           gradient_0: Optional[Params] = None) -> dict[str, float | Tensor]:
@@ -109,15 +115,12 @@ def unrolled_stationarity(problem: BilevelProblem, theta_0: Params, theta_k: Par
 
     Both gradients are taken on the batch of the last inner step, ``inner_batch(K − 1)`` (the only batch
     for full-batch training): the loop's own objective at its end. Costs two gradients (on ``path``), or
-    one when the caller passes ``gradient_0`` = ∇θG(θ_0, φ) on that batch (a one-step solver has it from its
-    step; it is used only outside autocast, since the diagnostic is taken in full precision).
+    one when the caller passes ``gradient_0`` = ∇θG(θ_0, φ) on that batch in full precision (a one-step
+    solver has it from its step; see :func:`full_precision`).
     """
     batch = batch_at(inner_batch, max(steps - 1, 0))
-    device_type = next(iter(theta_0.values())).device.type
-    if gradient_0 is not None and not torch.is_autocast_enabled(device_type):
-        norm_0 = tree.norm(tree.detach(gradient_0))
-    else:
-        norm_0 = inner_gradient_norm(problem, theta_0, phi, batch, path)
+    norm_0 = (tree.norm(tree.detach(gradient_0)) if gradient_0 is not None
+              else inner_gradient_norm(problem, theta_0, phi, batch, path))
     return stationarity(inner_gradient_norm(problem, theta_k, phi, batch, path), norm_0)
 
 

@@ -38,8 +38,8 @@ from ..autodiff import is_batched, tape_value_and_grad, value_and_grads
 from ..inner import batch_at
 from ..paths import AUTOGRAD
 from ..types import HypergradResult
-from .common import (detach_state, inner_fn, outer_fn, scalar, solver_path, tape_objective_grad, unrolled_stationarity,
-                     warn_if_zero_hypergradient)
+from .common import (detach_state, full_precision, inner_fn, outer_fn, scalar, solver_path, tape_objective_grad,
+                     unrolled_stationarity, warn_if_zero_hypergradient)
 
 MODES = ("exact", "finite_difference", "first_order")
 ZERO_REASONS = {
@@ -88,11 +88,11 @@ class OneStep:
                 hypergrad = tree.sub(hypergrad, self._second_order(problem, theta, phi, batch, g_theta, loop, path))
         theta_new = tree.detach(theta_new)
         # ‖∇θG(θ)‖ is read from the step's own gradient (same point, same batch): one diagnostic gradient,
-        # at θ', not two (outside autocast, where the step's gradient is in full precision)
-        reused = not torch.is_autocast_enabled(next(iter(theta.values())).device.type)
+        # at θ', not two; under autocast the step's gradient is rounded, and a full-precision one is taken
+        gradient_0 = gradient_0 if full_precision(theta) else None
         diagnostics = {"inner_loss": scalar(loss), "outer_loss": scalar(value), "inner_steps": 1.0,
                        "hvp_count": 1.0 if self.mode == "exact" else 0.0,
-                       "evaluations": (3.0 if self.mode == "finite_difference" else 1.0) + (1.0 if reused else 2.0),
+                       "evaluations": (3.0 if self.mode == "finite_difference" else 1.0) + (1.0 if gradient_0 is not None else 2.0),
                        **unrolled_stationarity(problem, theta, theta_new, phi, inner_batch, 1, path,
                                                gradient_0=gradient_0),
                        "autodiff_path": path}

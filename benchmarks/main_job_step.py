@@ -1,6 +1,7 @@
-"""The main job's inner step against its hand-written limit, and where an outer step's time goes.
+"""The ITL job's inner step against its hand-written limit, and where an outer step's time goes.
 
-The main job (``bilevel run itl``) trains a 784-256-10 MLP on 28×28 images with the learned Taylor loss, batch 32,
+The ITL job (``bilevel run itl``, the README's main job until ARL replaced it) trains a 784-256-10 MLP on
+28×28 images with the learned Taylor loss, batch 32,
 plain SGD. This times ``bilevel.InnerLoop.run`` on the autograd tape against a hand-written ``torch.autograd.grad``
 SGD loop of the same maths (alternating, medians of 7 rounds of 200 steps, one thread), and one Hessian-vector
 product on a 4,165-image Hessian batch (the main job's five training domains), to show which part of an outer

@@ -26,6 +26,7 @@ from .transforms import NotDifferentiableError
 from .types import BilevelProblem, HypergradResult, Solver
 from .solve import solve
 from .validate import validate_problem
+from .verdict import PairedGap, Verdict, paired_gap, plot_result, verdict_lines
 
 __version__ = "0.1.0"
 
@@ -37,7 +38,7 @@ __all__ = [
     "CG", "Neumann", "FixedPoint", "Exact", "LinearSolveInfo",
     "Nested", "SingleLevel", "SubProblem", "StepInfo", "Declaration",
     "OuterLoop", "run_locally", "make_outer_optimizer", "RunContext", "local_context",
-    "combine_gradients", "conflicts",
+    "combine_gradients", "conflicts", "Verdict", "verdict_lines", "paired_gap", "PairedGap", "plot_result",
     "hvp", "hvp_operator", "mixed_vjp", "autodiff_path", "validate_problem", "tree", "linsolve",
     "BilevelError", "SpecError", "NonFiniteError", "DivergenceError", "NeumannDivergenceError", "IndefiniteHessianError",
     "StructureError", "AutodiffPathError", "ConvergenceWarning", "StationarityWarning", "ZeroHypergradientWarning", "NotDifferentiableError",

@@ -27,8 +27,11 @@ from .inner import InnerLoop
 from .solvers.registry import KINDS
 from .tree import Params
 from .types import Batch, BilevelProblem, HypergradResult
+from .verdict import Verdict
 
 Metrics = dict[str, float]
+# An evaluation: numbers, and per-seed lists (paired across methods by seed) that a Verdict compares.
+Evaluation = dict[str, Union[float, list[float]]]
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class SubProblem:
 
 
 SubProblems = Callable[[StepInfo], Sequence[SubProblem]]
-Evaluate = Callable[[Params, Mapping[str, Params]], Metrics]
+Evaluate = Callable[[Params, Mapping[str, Params]], Evaluation]
 SubMetrics = Callable[[SubProblem, HypergradResult, Params], Metrics]
 
 
@@ -95,7 +98,10 @@ class Nested:
             every step, except a zeroth-order search's distribution, which is the method's own state.
         solvers: the solver kinds that apply (``implicit``, ``unrolled``, ``online``, ``zeroth_order``).
         solver_note: why some kinds do not apply (shown in the error when one is asked for).
-        evaluate: ``(φ, warm inner params by key) -> metrics`` at the end of a run.
+        evaluate: ``(φ, warm inner params by key) -> evaluation`` at the end of a run: numbers, and
+            per-seed lists (the same seeds for every method) under the keys ``verdict`` names.
+        verdict: which per-seed lists of the evaluation are the method, the baseline and the controls
+            (:class:`bilevel.Verdict`): the run ends with a paired comparison line and ``result.png``.
         metrics: ``(sub-problem, its result, φ) -> metrics`` logged each step (mean over sub-problems,
             and per key when there are several).
         clip_norm: rescale the combined hypergradient to this norm when larger (0: never).
@@ -117,6 +123,7 @@ class Nested:
     solvers: tuple[str, ...] = KINDS
     solver_note: str = ""
     evaluate: Optional[Evaluate] = None
+    verdict: Optional[Verdict] = None
     metrics: Optional[SubMetrics] = None
     clip_norm: float = 0.0
     skip_nonfinite: bool = False
@@ -159,6 +166,7 @@ class SingleLevel:
     optimizer: str = "adam"
     lr: float = 1e-3
     evaluate: Optional[Evaluate] = None
+    verdict: Optional[Verdict] = None
     clip_norm: float = 0.0
     skip_nonfinite: bool = False
     kind: str = "regularised risk minimisation"

@@ -186,7 +186,7 @@ def test_bad_check_options_are_refused_before_any_work(option, value, message):
 
 @pytest.mark.filterwarnings("ignore::bilevel.ConvergenceWarning")
 def test_cli_fails_a_short_neumann_with_exit_1_naming_the_relative_error(capsys):
-    """problems/ridge.py SMOKE: the short Neumann is 97 % off with cosine 0.996 (the old cosine-only check
+    """problems/ridge.py SMOKE: the short Neumann is 71 % off with cosine 0.9965 (the old cosine-only check
     passed it with exit 0)."""
     assert cli.main(["check", "ridge", "--smoke", "--solver", SHORT_NEUMANN, "--reference", "exact"]) == 1
     out = capsys.readouterr().out
@@ -194,9 +194,9 @@ def test_cli_fails_a_short_neumann_with_exit_1_naming_the_relative_error(capsys)
     fd_rel, ref_rel = (float(x) for x in re.fullmatch(
         r"check FAILED: relative error vs finite differences (\S+) > rtol 0\.0001; "
         r"relative error vs reference solver exact (\S+) > rtol 0\.0001", verdict).groups())
-    assert 0.9 < fd_rel < 1 and 0.9 < ref_rel < 1  # measured 0.969 both
+    assert 0.6 < fd_rel < 0.8 and 0.6 < ref_rel < 0.8  # measured 0.706 both
     cosines = [float(c) for c in re.findall(r"cosine (\d\.\d+)", out)]
-    assert len(cosines) == 2 and min(cosines) > 0.99  # the old cosine-only check passed it (measured 0.9961)
+    assert len(cosines) == 2 and min(cosines) > 0.99  # the old cosine-only check passed it (measured 0.9965)
 
 
 def test_cli_passes_a_converged_neumann_and_honours_rtol(capsys):

@@ -203,9 +203,17 @@ def test_zeroth_order_and_online_rows_say_what_they_are(ridge_smoke):
     cma, one = report.row("cmaes:popsize=4"), report.row("onestep")
     assert cma.status == "ok" and "search direction" in cma.note and math.isfinite(cma.rel_error)
     assert one.status == "ok" and "warm start" in one.note
-    # onestep from the all-zero start is exactly zero here (dθ'/dφ ∝ w = 0): error 1, cosine undefined
-    assert one.rel_error == 1.0 and math.isnan(one.cosine)
-    assert any(w.startswith("ZeroHypergradientWarning") for w in one.warnings)
+    # onestep differentiates one lookahead step from the all-zero start: another quantity than the IFT value
+    assert 0.1 < one.rel_error < 1 and 0 < one.cosine < 1 and not one.warnings
+    # on ridge in its plain weights w, onestep from w = 0 is exactly zero (dθ'/dφ ∝ w = 0): error 1, an
+    # undefined cosine, and the warning in the row
+    from bilevel.problems import ridge
+    sub = decl.first_subproblem()
+    plain = dataclasses.replace(decl, problem=bilevel.BilevelProblem(ridge.inner_loss, ridge.outer_loss),
+                                subproblems=lambda info: [dataclasses.replace(sub, inner={"w": torch.zeros(10)})])
+    zero = compare_problem(plain, "onestep", reference="exact", memory=False).row("onestep")
+    assert zero.status == "ok" and zero.rel_error == 1.0 and math.isnan(zero.cosine)
+    assert any(w.startswith("ZeroHypergradientWarning") for w in zero.warnings)
 
 
 def test_single_level_search_only_problems_and_bad_counts_are_refused(ridge_smoke):

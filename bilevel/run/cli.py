@@ -25,6 +25,7 @@ import torch
 from ..divergence import DEFAULT_FACTOR, DEFAULT_WINDOW, check_divergence_options
 from ..errors import BilevelError, SpecError
 from ..solvers import SOLVERS, describe_options, normalize_spec, parse_spec, solver_kind
+from ..verdict import mean_std
 from . import config as config_mod
 from . import rundir
 from .problems import load_problem, registered
@@ -96,8 +97,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                    divergence_window=args.divergence_window, compile=args.compile)
     final = run(spec, module, cfg, config_mod.config_table(cfg))
     if final:
-        print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+        print(final_summary(final))
     return 0
+
+
+def final_summary(final: dict) -> str:
+    """What a run prints at its end: the plain numbers on one line, each per-seed list as mean ± std over its
+    seeds on a line of its own, then the verdict lines (the problem decides which of these it has)."""
+    numbers = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()
+               if not isinstance(v, (list, tuple))]
+    lines = [" ".join(numbers)] if numbers else []
+    for key, values in final.items():
+        if key != "verdict" and isinstance(values, (list, tuple)):
+            mean, std = mean_std([float(v) for v in values])
+            lines.append(f"{key}: {mean:.4g} ± {std:.2g} over {len(values)} seeds ({', '.join(f'{v:.4g}' for v in values)})")
+    return "\n".join(lines + list(final.get("verdict", ())))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from ..declare import Nested
 from ..errors import NonFiniteError
 from ..divergence import DEFAULT_FACTOR, DEFAULT_WINDOW, check_divergence_options
 from ..outer import OuterLoop
+from ..verdict import plot_result, verdict_lines
 from . import artifacts, rundir
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint, set_aside_tripped
 
@@ -259,6 +260,9 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
         bar.close()
 
     final = loop.evaluate()
+    verdict = getattr(loop.declaration, "verdict", None)
+    if verdict is not None and final:
+        final["verdict"] = verdict_lines(verdict, final)
     if accelerator.is_main_process and spec.compile:  # compile time is in the first steps' step_seconds: say how much
         stats = {k: v - compile_before[k] for k, v in compiled.compile_stats().items()}
         print(f"bilevel run: --compile: {stats['calls']:.0f} compiled inner steps, {stats['graphs']:.0f} graph(s) "
@@ -269,6 +273,9 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
         artifacts.write_json(run_dir / "final.json", final)
         artifacts.write_csv(run_dir)
         artifacts.plot_curves(run_dir, f"{spec.problem} — solver {loop.solver_spec or 'none (single level)'}")
+        if verdict is not None and final:
+            plot_result(verdict, final, run_dir / "result.png", f"{spec.problem}: {spec.steps} outer steps, "
+                        f"solver {loop.solver_spec}", final["verdict"])
     accelerator.wait_for_everyone()
     is_main = accelerator.is_main_process
     accelerator.end_training()

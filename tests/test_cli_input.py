@@ -221,3 +221,18 @@ def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_it(workdir, caps
     assert "rerun with --debug to see the traceback" in lines[0]
     with pytest.raises(RuntimeError, match="deliberate failure"):
         cli.main(["--debug", *argv[:-1], "f2"])
+
+
+def test_a_problem_file_path_is_loaded_and_a_bad_one_refused(workdir, capsys):
+    """``bilevel run path/to/file.py``: the file is the problem; a missing file or one that lacks the problem
+    names is one line, exit 2, nothing created."""
+    from bilevel.run.problems import load_problem
+    (workdir / "mine.py").write_text("from bilevel.problems.ridge import Config, SMOKE, build, DEFAULT_SOLVER\n")
+    (workdir / "half.py").write_text("Config = SMOKE = None\n")
+    assert load_problem(str(workdir / "mine.py")).DEFAULT_SOLVER == "cg:maxiter=100,rtol=1e-6"
+    before = snapshot(workdir)
+    line = refuse(["run", "missing.py", "--steps", "1", "--out", "o"], capsys)
+    assert "problem file 'missing.py' does not exist" in line and "defines Config, SMOKE, build" in line
+    line = refuse(["run", "half.py", "--steps", "1", "--out", "o"], capsys)
+    assert "is not a problem file: it lacks build" in line
+    assert snapshot(workdir) == before

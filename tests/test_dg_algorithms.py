@@ -331,6 +331,35 @@ def test_evaluate_is_the_accuracy_of_the_sign_of_the_logit(name):
     assert ev["test_acc"] == pytest.approx(acc(*task.splits["-90%"]["in"]), abs=1e-7)
 
 
+def test_evaluation_names_the_method_and_its_penalty_and_the_summaries_differ():
+    """The end-of-run evaluation holds the algorithm, the mean training-domain risk and the algorithm's own
+    unweighted penalty at the final params, on the full in-splits (written out with penalties.*), so the
+    seven methods' run summaries differ even where 2 smoke steps leave their accuracies equal."""
+    from bilevel.run.cli import final_summary
+    summaries = set()
+    for name in NAMES:
+        task = _smoke(name)
+        phi = task.params
+        ev = task.evaluate(phi)
+        batches = [task.splits[d]["in"] for d in task.train_names]
+        zs = [_mlp(phi, x)[0] for x, _ in batches]
+        logit = [_mlp(phi, x)[1] for x, _ in batches]
+        risk = sum(float(F.binary_cross_entropy_with_logits(a[:, 0], y.float())) for a, (_, y) in zip(logit, batches))
+        assert ev["algorithm"].startswith(f"{name}: ") and ev["train_risk"] == pytest.approx(risk / len(batches), rel=1e-5)
+        head = {"weight": phi["head.weight"], "bias": phi["head.bias"]}
+        ys = [y for _, y in batches]
+        expected = {"irm": lambda: penalties.irm(head, zs, ys), "vrex": lambda: penalties.vrex(head, zs, ys),
+                    "coral": lambda: penalties.coral(zs), "fishr": lambda: penalties.fishr(head, zs, ys)}
+        if name in expected:
+            assert ev[f"penalty_{name}"] == pytest.approx(float(expected[name]()), rel=1e-4, abs=1e-9)
+        elif name == "erm":
+            assert not any(k.startswith("penalty_") for k in ev)
+        else:  # hgp / hutchinson: finite, and nothing but its own penalty key
+            assert [k for k in ev if k.startswith("penalty_")] == [f"penalty_{name}"]
+        summaries.add(final_summary(ev))
+    assert len(summaries) == len(NAMES)
+
+
 def test_resume_equals_an_uninterrupted_run():
     # Minibatches and probes come from (seed, step, process) alone: 2 steps, save, 2 more = 4 steps, bitwise.
     cfg = dataclasses.replace(_module("hutchinson").SMOKE, batch_size=16)

@@ -68,7 +68,7 @@ def test_plot_result_writes_the_figure(tmp_path):
 def test_final_summary_prints_numbers_seeds_and_verdict():
     final = {"clean_val_acc": 0.5, "m": [1.0, 3.0], "verdict": ["verdict: x", "control: y"]}
     assert final_summary(final).splitlines() == [
-        "clean_val_acc=0.5", "m: 2 ± 1.4 over 2 seeds (1, 3)", "verdict: x", "control: y"]
+        "clean_val_acc = 0.5", "m: 2 ± 1.4 over 2 seeds (1, 3)", "verdict: x", "control: y"]
 
 
 def test_arl_held_out_test_equals_plain_sgd_training():

@@ -102,16 +102,37 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def final_summary(final: dict) -> str:
-    """What a run prints at its end: the plain numbers on one line, each per-seed list as mean ± std over its
-    seeds on a line of its own, then the verdict lines (the problem decides which of these it has)."""
-    numbers = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()
-               if not isinstance(v, (list, tuple))]
-    lines = [" ".join(numbers)] if numbers else []
+    """What a run prints at its end, shaped by what the problem's evaluation holds.
+
+    Plain numbers as ``key = value`` lines; numbers named ``group/quantity`` (e.g. ``ce/target_accuracy``,
+    ``learned/target_accuracy``) as a table, one row per group and one column per quantity, with
+    ``quantity_std`` shown as ± beside its quantity; each per-seed list as mean ± std over its seeds; then the
+    verdict lines.
+    """
+    numbers = {k: v for k, v in final.items() if k != "verdict" and not isinstance(v, (list, tuple))}
+    lines = [f"{k} = {_number(v)}" for k, v in numbers.items() if "/" not in k]
+    grouped = {k: v for k, v in numbers.items() if "/" in k}
+    rows = list(dict.fromkeys(k.split("/", 1)[0] for k in grouped))
+    columns = list(dict.fromkeys(k.split("/", 1)[1] for k in grouped if not (k.endswith("_std") and k[:-4] in grouped)))
+    if rows:
+        cells = [[""] + columns]
+        for row in rows:
+            cell = []
+            for col in columns:
+                value, std = grouped.get(f"{row}/{col}"), grouped.get(f"{row}/{col}_std")
+                cell.append("-" if value is None else _number(value) + ("" if std is None else f" ± {std:.2g}"))
+            cells.append([row] + cell)
+        widths = [max(len(r[j]) for r in cells) for j in range(len(cells[0]))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     for key, values in final.items():
         if key != "verdict" and isinstance(values, (list, tuple)):
             mean, std = mean_std([float(v) for v in values])
             lines.append(f"{key}: {mean:.4g} ± {std:.2g} over {len(values)} seeds ({', '.join(f'{v:.4g}' for v in values)})")
     return "\n".join(lines + list(final.get("verdict", ())))
+
+
+def _number(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -128,7 +128,8 @@ class DGTask:
     @torch.no_grad()
     def evaluate(self, outer: Params, inners: Any = None) -> dict[str, float]:
         """Accuracy on every domain's in/out split; ``test_acc`` = mean over test domains (all rows),
-        ``train_acc`` = mean over training domains' in-splits, ``val_acc`` over their out-splits."""
+        ``train_acc`` = mean over training domains' in-splits, ``val_acc`` over their out-splits; and the
+        algorithm's name, its training risk and penalty at these params (:meth:`objective_parts`)."""
         out: dict[str, float] = {}
         for name, parts in self.splits.items():
             for part, (x, y) in parts.items():
@@ -145,6 +146,21 @@ class DGTask:
             (xi, yi), (xo, yo) = self.splits[d]["in"], self.splits[d]["out"]
             test.append(float(accuracy(functional_call(self.net, outer, (torch.cat([xi, xo]),)), torch.cat([yi, yo]))))
         out["test_acc"] = sum(test) / len(test) if test else float("nan")
+        out.update(self.objective_parts(outer))
+        return out
+
+    def objective_parts(self, outer: Params) -> dict:
+        """What sets the methods apart at the final params, on the training domains' in-splits: the mean
+        domain risk and this algorithm's own penalty P (unweighted; Hutchinson with fixed probes, seed 0)."""
+        batches = [self.splits[d]["in"] for d in self.train_names]
+        with torch.enable_grad():  # the penalties differentiate the head (torch.func transforms)
+            _, metrics = objective(outer, self.net, batches, self.algorithm, {**self.hp, "anneal_step": 0,
+                                   "penalty_weight": 1.0, "rescale_after_anneal": False}, 0,
+                                   draw_probes(self.algorithm, split(outer)[1], len(batches), self.hp,
+                                               torch.Generator().manual_seed(0)))
+        out = {"algorithm": f"{self.algorithm.name}: {self.algorithm.doc}", "train_risk": float(metrics["nll"])}
+        if self.algorithm.penalty is not None:
+            out[f"penalty_{self.algorithm.name}"] = float(metrics["penalty"])
         return out
 
     def declaration(self) -> bilevel.SingleLevel:

@@ -19,6 +19,7 @@ one-process run exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch import Tensor
@@ -66,6 +67,8 @@ class SubProblem:
 SubProblems = Callable[[StepInfo], Sequence[SubProblem]]
 Evaluate = Callable[[Params, Mapping[str, Params]], Evaluation]
 SubMetrics = Callable[[SubProblem, HypergradResult, Params], Metrics]
+# Extra pictures of a run: (final φ, final evaluation, run folder) -> the files written.
+Plot = Callable[[Params, Evaluation, Path], Sequence[Path]]
 
 
 def _check_common(name: str, optimizer: str, lr: float, clip_norm: float) -> None:
@@ -102,6 +105,8 @@ class Nested:
             per-seed lists (the same seeds for every method) under the keys ``verdict`` names.
         verdict: which per-seed lists of the evaluation are the method, the baseline and the controls
             (:class:`bilevel.Verdict`): the run ends with a paired comparison line and ``result.png``.
+        plot: ``(φ, evaluation, run folder) -> [paths]``: the pictures this problem's users look at (e.g. a
+            learned loss's shape), drawn by ``bilevel run`` at the end beside ``curves.png``.
         metrics: ``(sub-problem, its result, φ) -> metrics`` logged each step (mean over sub-problems,
             and per key when there are several).
         clip_norm: rescale the combined hypergradient to this norm when larger (0: never).
@@ -124,6 +129,7 @@ class Nested:
     solver_note: str = ""
     evaluate: Optional[Evaluate] = None
     verdict: Optional[Verdict] = None
+    plot: Optional[Plot] = None
     metrics: Optional[SubMetrics] = None
     clip_norm: float = 0.0
     skip_nonfinite: bool = False
@@ -167,6 +173,7 @@ class SingleLevel:
     lr: float = 1e-3
     evaluate: Optional[Evaluate] = None
     verdict: Optional[Verdict] = None
+    plot: Optional[Plot] = None
     clip_norm: float = 0.0
     skip_nonfinite: bool = False
     kind: str = "regularised risk minimisation"

@@ -45,6 +45,7 @@ from torch.func import functional_call
 
 import bilevel
 from bilevel import RunContext
+from .losses.shapes import plot_loss_shapes
 from .losses.taylor import TaylorLoss, TaylorSpec, descent_raises_true_class, initial_theta, taylor_loss
 from .noisy_training import ARCHITECTURES, DATASETS, accuracy, load_split, make_model, minibatch_indices, train
 
@@ -239,6 +240,13 @@ def build(cfg: Config, ctx: RunContext) -> bilevel.Nested:
             out[f"test_acc_{name}"] = [scores[name] for scores in per_seed]
         return out
 
+    def plot(outer, final, run_dir) -> list:
+        """``loss_shape.png``: the learned loss against cross-entropy and the start loss."""
+        losses = {"learned": learned_loss(cfg, outer), "cross-entropy": torch.nn.functional.cross_entropy,
+                  "start loss (Brier, not searched)": TaylorLoss(initial_theta(spec, cfg.init), spec)}
+        title = f"ARL: learned loss under {cfg.rate:.0%} {cfg.noise} label noise"
+        return [plot_loss_shapes(losses, run_dir / "loss_shape.png", title)]
+
     return bilevel.Nested(
         problem=problem, outer={"theta": initial_theta(spec, cfg.init).to(device)}, loop=loop,
         subproblems=subproblems, default_solver=DEFAULT_SOLVER,
@@ -250,7 +258,7 @@ def build(cfg: Config, ctx: RunContext) -> bilevel.Nested:
                     "gradient, so only a zeroth-order search applies",
         # validate stays on: validate_problem needs θ to reach G (it does) and finite losses, not F to be
         # differentiable (it accepts an F with no gradient path).
-        metrics=metrics, evaluate=evaluate, verdict=VERDICT if cfg.test_seeds else None)
+        metrics=metrics, evaluate=evaluate, verdict=VERDICT if cfg.test_seeds else None, plot=plot)
 
 
 def with_condition(cfg: Config, condition: str, noise: str, rate: float) -> Config:

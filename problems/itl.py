@@ -49,6 +49,7 @@ from torch.func import functional_call
 import bilevel
 from bilevel import RunContext, tree
 from .losses import TaylorSpec, initial_theta, taylor_loss
+from .losses.shapes import plot_loss_shapes
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -234,12 +235,21 @@ def build(cfg: Config, ctx: RunContext, domains: Optional[Mapping[str, Batch]] =
         """The meta-test (:func:`meta_test`) on ``test_dataset`` with ``test_arch``: learned loss vs CE."""
         return meta_test(outer["omega"].detach().cpu(), spec, cfg)
 
+    def plot(outer, final, run_dir) -> list:
+        """``loss_shape.png``: the learned loss against cross-entropy and its initialisation (cf. Fig. 5)."""
+        from .losses import TaylorLoss
+        losses = {"learned": TaylorLoss(outer["omega"].cpu().float(), spec),
+                  "cross-entropy": torch.nn.functional.cross_entropy,
+                  f"initialisation ({cfg.init})": TaylorLoss(initial_theta(spec, cfg.init, scale=float(num_classes)), spec)}
+        return [plot_loss_shapes(losses, run_dir / "loss_shape.png", "ITL: learned Taylor loss", num_classes)]
+
     return bilevel.Nested(
         problem=problem,
         outer={"omega": initial_theta(spec, cfg.init, scale=float(num_classes)).to(ctx.device)},
         loop=bilevel.InnerLoop(steps=cfg.inner_steps, optimizer=cfg.inner_optimizer, lr=cfg.inner_lr),
         subproblems=subproblems, default_solver=DEFAULT_SOLVER, optimizer=cfg.outer_optimizer,
-        lr=cfg.outer_lr, combine=cfg.combine, warm_start=False, metrics=metrics, evaluate=evaluate, verdict=VERDICT)
+        lr=cfg.outer_lr, combine=cfg.combine, warm_start=False, metrics=metrics, evaluate=evaluate, verdict=VERDICT,
+        plot=plot)
 
 
 def erm(loss_fn, train, arch: str, steps: int, lr: float, seed: int, hidden: int = 256, batch: int = 64,

@@ -24,6 +24,7 @@ import torch
 import bilevel
 from bilevel.problems import itl
 from bilevel.problems.losses import TaylorLoss, TaylorSpec, published_theta, taylor_loss
+from bilevel.problems.losses.shapes import plot_loss_shapes
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "itl"
 PAPER = """| Setting (paper) | ERM + CE | ERM + ITL | gain |
@@ -126,24 +127,8 @@ def plot_history(history, path: Path) -> None:
 
 
 def plot_shapes(losses: dict, path: Path, num_classes: int = 10) -> None:
-    """Per-sample loss vs the true-class probability (other classes share the rest), each scaled to
-    [0, 1] over p ∈ [0.01, 1] as in the paper's Fig. 5."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    p = torch.linspace(0.01, 1.0, 200, dtype=torch.float64)
-    probs = torch.cat([p[:, None], ((1 - p) / (num_classes - 1))[:, None].expand(-1, num_classes - 1)], 1)
-    logits = probs.clamp_min(1e-12).log()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, fn in losses.items():
-        vals = torch.stack([fn(logits[i:i + 1], torch.tensor([0])) for i in range(len(p))]).detach()
-        vals = (vals - vals.min()) / (vals.max() - vals.min())
-        ax.plot(p, vals, label=name)
-    ax.set(xlabel="true-class probability", ylabel="loss (scaled to [0, 1])")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Per-sample loss vs the true-class probability, as in the paper's Fig. 5 (problems/losses/shapes.py)."""
+    plot_loss_shapes(losses, path, "ITL: loss shapes (cf. Fig. 5)", num_classes)
 
 
 def fmt(m: dict, name: str, key: str, pct: bool = True) -> str:

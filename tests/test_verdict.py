@@ -114,3 +114,18 @@ def test_bilevel_run_ends_with_the_verdict_and_result_png(tmp_path, capsys):
     assert printed[-2:] == final["verdict"]
     assert printed[-2].startswith("verdict: learned loss ") and printed[-1].startswith("control: learned loss ")
     assert (out / "result.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "loss_shape.png").read_bytes()[:4] == b"\x89PNG"  # the declaration's own picture
+
+
+def test_loss_curve_is_the_loss_at_the_stated_probabilities():
+    """True class 0 with probability p, the other C − 1 sharing 1 − p: cross-entropy is −log p and the Brier
+    score (1 − p)² + (C − 1)((1 − p)/(C − 1))², in float32 round-off."""
+    from bilevel.problems.losses.shapes import loss_curve
+    p = torch.tensor([0.01, 0.3, 0.9, 1.0], dtype=torch.float64)
+    ce = loss_curve(torch.nn.functional.cross_entropy, 10, p)
+    assert torch.allclose(ce, -p.log(), atol=2e-6)
+
+    def brier(logits, y):
+        q = logits.softmax(-1)
+        return ((q - torch.nn.functional.one_hot(y, 10)) ** 2).sum(-1).mean()
+    assert torch.allclose(loss_curve(brier, 10, p), (1 - p) ** 2 + 9 * ((1 - p) / 9) ** 2, atol=2e-6)

@@ -29,7 +29,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from .. import compiled
+from .. import compiled, tree
 from ..context import RunContext
 from ..declare import Nested
 from ..errors import NonFiniteError
@@ -276,6 +276,8 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
         if verdict is not None and final:
             plot_result(verdict, final, run_dir / "result.png", f"{spec.problem}: {spec.steps} outer steps, "
                         f"solver {loop.solver_spec}", final["verdict"])
+        if getattr(loop.declaration, "plot", None) is not None:
+            loop.declaration.plot(tree.detach(loop.outer), final, run_dir)
     accelerator.wait_for_everyone()
     is_main = accelerator.is_main_process
     accelerator.end_training()

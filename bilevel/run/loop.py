@@ -37,6 +37,7 @@ from ..divergence import DEFAULT_FACTOR, DEFAULT_WINDOW, check_divergence_option
 from ..outer import OuterLoop
 from ..verdict import plot_result, verdict_lines
 from . import artifacts, rundir
+from .warning_digest import first_of_each_kind
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint, set_aside_tripped
 
 OPTIONAL_TRACKERS = tuple(rundir.TRACKER_PACKAGES)
@@ -246,18 +247,19 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
             _checkpoint(spec, loop, accelerator, run_dir, config_table)
         clock[0] = time.perf_counter()
 
-    try:
-        loop.run(spec.steps, on_step=on_step, error_hint=lambda: _kept(run_dir, loop.step))
-    except NonFiniteError:  # the guards' errors (DivergenceError is one)
-        if accelerator.is_main_process:  # never leave the state that tripped the guard as the newest checkpoint
-            set_aside_tripped(run_dir, loop.step)
-        _finish_trackers(accelerator)
-        raise
-    except BaseException:
-        _finish_trackers(accelerator)
-        raise
-    finally:
-        bar.close()
+    with first_of_each_kind():  # the repeats' summary prints after the bar closes, before an error's message
+        try:
+            loop.run(spec.steps, on_step=on_step, error_hint=lambda: _kept(run_dir, loop.step))
+        except NonFiniteError:  # the guards' errors (DivergenceError is one)
+            if accelerator.is_main_process:  # never leave the state that tripped the guard as the newest checkpoint
+                set_aside_tripped(run_dir, loop.step)
+            _finish_trackers(accelerator)
+            raise
+        except BaseException:
+            _finish_trackers(accelerator)
+            raise
+        finally:
+            bar.close()
 
     final = loop.evaluate()
     verdict = getattr(loop.declaration, "verdict", None)

@@ -41,6 +41,13 @@ class Verdict:
     labels: Mapping[str, str] = field(default_factory=dict)
     higher_is_better: bool = True
 
+    def __post_init__(self) -> None:
+        keys = (self.method, self.baseline, *self.controls)
+        if not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys):
+            raise ValueError(f"Verdict: method, baseline and controls must be distinct non-empty keys of the "
+                             f"evaluation, got method={self.method!r}, baseline={self.baseline!r}, "
+                             f"controls={self.controls!r}")
+
     @property
     def keys(self) -> tuple[str, ...]:
         return (self.method, self.baseline, *self.controls)

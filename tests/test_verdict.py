@@ -59,6 +59,29 @@ def test_verdict_lines_say_who_wins_and_whether_it_is_noise():
         bilevel.verdict_lines(VERDICT, {"m": [1.0, 2.0], "b": 3.0})
 
 
+def test_a_verdict_with_missing_or_repeated_keys_is_refused():
+    with pytest.raises(ValueError, match="distinct non-empty keys"):
+        bilevel.Verdict(method="a", baseline="a", metric="m")
+    with pytest.raises(ValueError, match="distinct non-empty keys"):
+        bilevel.Verdict(method="a", baseline="", metric="m")
+
+
+def test_a_verdict_that_cannot_be_formed_loses_no_number(tmp_path):
+    """An evaluation without the verdict's keys stops the run after outer.safetensors and final.json are
+    written."""
+    from bilevel.run.loop import RunSpec, run
+    import bilevel.problems.ridge as ridge
+    import types
+    module = types.SimpleNamespace(**{k: getattr(ridge, k) for k in ("Config", "SMOKE", "DEFAULT_SOLVER")})
+    module.build = lambda cfg, ctx: replace(ridge.build(cfg, ctx), verdict=VERDICT)
+    out = tmp_path / "run"
+    spec = RunSpec(problem="ridge", solver=None, steps=1, seed=0, out=str(out), progress=False)
+    with pytest.raises(ValueError, match="no per-seed list under 'm'"):
+        run(spec, module, ridge.SMOKE, {})
+    assert json.loads((out / "final.json").read_text())["val_loss"] > 0
+    assert (out / "outer.safetensors").is_file() and (out / "curves.png").is_file()
+
+
 def test_plot_result_writes_the_figure(tmp_path):
     final = {"m": [3.0, 4.0], "b": [1.0, 2.5], "c": [2.0, 2.0]}
     path = bilevel.plot_result(VERDICT, final, tmp_path / "result.png", "title")

@@ -261,25 +261,27 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
         finally:
             bar.close()
 
-    final = loop.evaluate()
-    verdict = getattr(loop.declaration, "verdict", None)
-    if verdict is not None and final:
-        final["verdict"] = verdict_lines(verdict, final)
+    if accelerator.is_main_process:  # the learned params and the curves first: a failing evaluation loses neither
+        artifacts.save_params(loop.outer, run_dir / "outer.safetensors")
+        artifacts.write_csv(run_dir)
+        artifacts.plot_curves(run_dir, f"{spec.problem} — solver {loop.solver_spec or 'none (single level)'}")
     if accelerator.is_main_process and spec.compile:  # compile time is in the first steps' step_seconds: say how much
         stats = {k: v - compile_before[k] for k, v in compiled.compile_stats().items()}
         print(f"bilevel run: --compile: {stats['calls']:.0f} compiled inner steps, {stats['graphs']:.0f} graph(s) "
               f"compiled in {stats['compile_seconds']:.1f} s (included in the step_seconds of the steps that "
               "compiled them)", file=sys.stderr)
-    if accelerator.is_main_process:
-        artifacts.save_params(loop.outer, run_dir / "outer.safetensors")
+    final = loop.evaluate()
+    if accelerator.is_main_process:  # before the verdict: a verdict that cannot be formed loses no number
         artifacts.write_json(run_dir / "final.json", final)
-        artifacts.write_csv(run_dir)
-        artifacts.plot_curves(run_dir, f"{spec.problem} — solver {loop.solver_spec or 'none (single level)'}")
-        if verdict is not None and final:
+    verdict = getattr(loop.declaration, "verdict", None)
+    if verdict is not None and final:
+        final["verdict"] = verdict_lines(verdict, final)
+        if accelerator.is_main_process:
+            artifacts.write_json(run_dir / "final.json", final)
             plot_result(verdict, final, run_dir / "result.png", f"{spec.problem}: {spec.steps} outer steps, "
                         f"solver {loop.solver_spec}", final["verdict"])
-        if getattr(loop.declaration, "plot", None) is not None:
-            loop.declaration.plot(tree.detach(loop.outer), final, run_dir)
+    if accelerator.is_main_process and getattr(loop.declaration, "plot", None) is not None:
+        loop.declaration.plot(tree.detach(loop.outer), final, run_dir)
     accelerator.wait_for_everyone()
     is_main = accelerator.is_main_process
     accelerator.end_training()

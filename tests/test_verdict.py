@@ -94,6 +94,16 @@ def test_final_summary_prints_numbers_seeds_and_verdict():
         "clean_val_acc = 0.5", "m: 2 ± 1.4 over 2 seeds (1, 3)", "verdict: x", "control: y"]
 
 
+def test_final_summary_tables_grouped_numbers_with_their_spread():
+    final = {"algorithm": "irm: x", "ce/acc": 0.5, "ce/acc_std": 0.01, "ce/loss": 2.0, "learned/acc": 0.75,
+             "learned/acc_std": 0.02}
+    assert final_summary(final).splitlines() == [
+        "algorithm = irm: x",
+        "         acc          loss",
+        "ce       0.5 ± 0.01   2",
+        "learned  0.75 ± 0.02  -"]
+
+
 def test_arl_held_out_test_equals_plain_sgd_training():
     """One seed of the held-out test: the network trained by hand with torch.optim.SGD (momentum) from the
     seeded init on the seeded noisy labels, whole epochs of the seeded batch order, scored on clean test."""

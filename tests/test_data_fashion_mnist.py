@@ -364,3 +364,21 @@ def test_real_fashion_mnist_files():
     assert torch.bincount(train_labels).tolist() == [6000] * 10
     assert torch.bincount(test_labels).tolist() == [1000] * 10
     assert int(train_labels[0]) == 9 and int(test_labels[0]) == 9  # both files open with an ankle boot
+
+
+def test_the_dg_harness_trains_on_colored_fashion_mnist(tmp_path, monkeypatch):
+    """dataset="colored_fashion_mnist" in the domain-generalisation harness: the three IRM environments of
+    2x14x14 images with binary labels, read from the folder BILEVEL_FASHION_MNIST names, and an ERM step runs."""
+    import bilevel
+    from bilevel.problems.domain_generalization import DGConfig, DGTask
+    folder = tmp_path / "fmnist"
+    write_folder(folder, 15000, 3000, compress=False)  # the 3 x 6,000 images the protocol takes
+    monkeypatch.setenv("BILEVEL_FASHION_MNIST", str(folder))
+    cfg = DGConfig(algorithm="erm", dataset="colored_fashion_mnist", hidden=8, cache_dir=str(tmp_path / "cache"))
+    task = DGTask(cfg, bilevel.local_context())
+    assert set(task.splits) == {"+90%", "+80%", "-90%"} and task.train_names == ["+90%", "+80%"]
+    x, y = task.splits["+90%"]["in"]
+    assert x.shape[1:] == (2, 14, 14) and set(y.tolist()) <= {0, 1}
+    assert sum(len(part[1]) for parts in task.splits.values() for part in parts.values()) == 18000
+    _, history, _ = bilevel.run_locally(task.declaration(), 1)
+    assert len(history) == 1 and history[0]["outer_loss"] > 0

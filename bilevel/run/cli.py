@@ -331,10 +331,13 @@ if __name__ == "__main__":
 
     lifetime.install()  # under a launcher: this worker never outlives it (no-op in a plain `bilevel run`)
     code = main()
-    if code == 2 and rundir.launch_layout()[1] > 1:
-        # Under `accelerate launch` every process refuses together, but torchrun stops the others as soon as
-        # one exits, and tearing down an interpreter with torch loaded takes seconds: leave at once so that
-        # each process exits with the refusal's code instead of being killed. Files are all closed by now.
+    if rundir.launch_layout()[1] > 1:
+        # Under `accelerate launch`, leave without the interpreter's teardown. After a refusal: every process
+        # refuses together, but torchrun stops the others as soon as one exits, and tearing down an interpreter
+        # with torch loaded takes seconds, so each process exits with the refusal's code instead of being
+        # killed. After a run: tearing down a finished gloo job can abort a worker ("terminate called without
+        # an active exception", SIGABRT) when all its work is already on disk, which turned a good run into
+        # a failed job. Every file is written and closed by now (the trackers by end_training).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -14,6 +14,7 @@ against the spread of the *differences*, not of the raw accuracies.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -42,7 +43,7 @@ class Verdict:
     higher_is_better: bool = True
 
     def __post_init__(self) -> None:
-        keys = (self.method, self.baseline, *self.controls)
+        keys = self.keys
         if not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys):
             raise ValueError(f"Verdict: method, baseline and controls must be distinct non-empty keys of the "
                              f"evaluation, got method={self.method!r}, baseline={self.baseline!r}, "
@@ -79,11 +80,10 @@ def paired_gap(method: Sequence[float], other: Sequence[float]) -> PairedGap:
     if len(method) != len(other) or not method:
         raise ValueError(f"paired_gap: needs two non-empty lists of the same length (one value per seed), got "
                          f"{len(method)} and {len(other)}")
-    diffs = [a - b for a, b in zip(method, other)]
-    n, mean = len(diffs), sum(diffs) / len(diffs)
+    n = len(method)
+    mean, std = mean_std([a - b for a, b in zip(method, other)])
     if n < 2:
         return PairedGap(mean, math.nan, n, math.nan)
-    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     if std == 0.0:  # the t statistic is ±∞ or 0/0: decide without scipy's warning
         return PairedGap(mean, 0.0, n, 1.0 if mean == 0.0 else 0.0)
     from scipy.stats import ttest_rel
@@ -92,10 +92,7 @@ def paired_gap(method: Sequence[float], other: Sequence[float]) -> PairedGap:
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (NaN for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return mean, std
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def _seeds(final: Mapping, key: str) -> list[float]:

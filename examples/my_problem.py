@@ -1,6 +1,7 @@
 """A problem file of your own: per-feature L2 penalties of a linear model on scikit-learn's diabetes data.
 
-    G(w, φ) = mean((X w − y)²) + Σ_j exp(φ_j) w_j²     (training half)      F(w) = mean((X_v w − y_v)²)   (validation half)
+    G(w, φ) = mean((X w − y)²) + Σ_j exp(φ_j) w_j²     (training half)
+    F(w)    = mean((X_v w − y_v)²)                       (validation half)
 
 Run it by path: ``bilevel compare examples/my_problem.py --solvers cg,unroll --reference exact``,
 ``bilevel run examples/my_problem.py --steps 50 --out runs/mine`` (README, "Your own problem").

@@ -121,6 +121,13 @@ def test_cells(cfg: Config) -> list[tuple[str, str]]:
     return cells
 
 
+def compared_losses(cfg: Config, outer) -> dict:
+    """What the held-out test trains with: the learned loss θ, cross-entropy and the un-searched start loss."""
+    spec = taylor_spec(cfg)
+    return {"learned": learned_loss(cfg, outer), "cross_entropy": torch.nn.functional.cross_entropy,
+            "start": TaylorLoss(initial_theta(spec, cfg.init), spec)}
+
+
 def held_out_test(losses: dict, cfg: Config, seed: int) -> dict[str, float]:
     """Clean test accuracy (%) of each loss, averaged over ``cfg``'s test cells, for one seed.
 
@@ -171,7 +178,8 @@ def build(cfg: Config, ctx: RunContext) -> bilevel.Nested:
         raise ValueError(f"arl: noise must be 'symmetric' or 'pairflip' with rate in [0, 1), got "
                          f"{cfg.noise!r} at {cfg.rate}")
     if cfg.test_seeds < 0 or cfg.test_steps < 1:
-        raise ValueError(f"arl: test_seeds must be ≥ 0 and test_steps ≥ 1, got {cfg.test_seeds} and {cfg.test_steps}")
+        raise ValueError(f"arl: test_seeds must be ≥ 0 and test_steps ≥ 1, got {cfg.test_seeds} and "
+                         f"{cfg.test_steps}")
     test_cells(cfg)
     spec, device = taylor_spec(cfg), ctx.device
     pool = pairs(cfg)
@@ -233,8 +241,7 @@ def build(cfg: Config, ctx: RunContext) -> bilevel.Nested:
             acc = 1.0 - float(outer_loss(inner, theta, outer_batch))
         out: dict = {"clean_val_acc": acc,
                      "descent_raises_true_class": float(descent_raises_true_class(theta["theta"].cpu(), spec))}
-        losses = {"learned": learned_loss(cfg, outer), "cross_entropy": torch.nn.functional.cross_entropy,
-                  "start": TaylorLoss(initial_theta(spec, cfg.init), spec)}
+        losses = compared_losses(cfg, outer)
         per_seed = ctx.map(lambda seed: held_out_test(losses, cfg, seed), list(range(cfg.test_seeds)))
         for name in losses if per_seed else ():
             out[f"test_acc_{name}"] = [scores[name] for scores in per_seed]
@@ -242,8 +249,7 @@ def build(cfg: Config, ctx: RunContext) -> bilevel.Nested:
 
     def plot(outer, final, run_dir) -> list:
         """``loss_shape.png``: the learned loss against cross-entropy and the start loss."""
-        losses = {"learned": learned_loss(cfg, outer), "cross-entropy": torch.nn.functional.cross_entropy,
-                  "start loss (Brier, not searched)": TaylorLoss(initial_theta(spec, cfg.init), spec)}
+        losses = {VERDICT.label(f"test_acc_{name}"): fn for name, fn in compared_losses(cfg, outer).items()}
         title = f"ARL: learned loss under {cfg.rate:.0%} {cfg.noise} label noise"
         return [plot_loss_shapes(losses, run_dir / "loss_shape.png", title)]
 

@@ -238,9 +238,9 @@ def build(cfg: Config, ctx: RunContext, domains: Optional[Mapping[str, Batch]] =
     def plot(outer, final, run_dir) -> list:
         """``loss_shape.png``: the learned loss against cross-entropy and its initialisation (cf. Fig. 5)."""
         from .losses import TaylorLoss
+        start = TaylorLoss(initial_theta(spec, cfg.init, scale=float(num_classes)), spec)
         losses = {"learned": TaylorLoss(outer["omega"].cpu().float(), spec),
-                  "cross-entropy": torch.nn.functional.cross_entropy,
-                  f"initialisation ({cfg.init})": TaylorLoss(initial_theta(spec, cfg.init, scale=float(num_classes)), spec)}
+                  "cross-entropy": torch.nn.functional.cross_entropy, f"initialisation ({cfg.init})": start}
         return [plot_loss_shapes(losses, run_dir / "loss_shape.png", "ITL: learned Taylor loss", num_classes)]
 
     return bilevel.Nested(

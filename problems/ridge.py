@@ -14,8 +14,8 @@ The minimiser, and so F(w*(φ)) and its total derivative dF/dφ, are the same (u
 changes is the Hessian GD sees, ∇²_u G̃ = S(XᵀX/n)S + diag(e^φ/(1 + e^φ)) with S = diag(s) ≤ I, whose
 largest eigenvalue stays below L = λ_max(XᵀX/n) + 1 however large the penalties grow. On w, ∇²_w G =
 XᵀX/n + diag e^φ grows with the learned penalties: the penalties of irrelevant features rise without bound,
-so any fixed inner step size eventually exceeds 2/λ_max and the inner loop (then the run) diverges — that is
-what happened to ``bilevel run ridge --steps 50`` near outer step 29 before this change. The default inner
+so any fixed inner step size eventually exceeds 2/λ_max and the inner loop (then the run) diverges (on w
+with step 0.5, ``bilevel run ridge --steps 50`` diverged near outer step 29). The default inner
 step size is 1.5/L, computed from the training data.
 
 Synthetic data from a sparse ground truth, so learned penalties should grow on the irrelevant features.

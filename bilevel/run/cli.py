@@ -127,7 +127,8 @@ def final_summary(final: dict) -> str:
     for key, values in final.items():
         if key != "verdict" and isinstance(values, (list, tuple)):
             mean, std = mean_std([float(v) for v in values])
-            lines.append(f"{key}: {mean:.4g} ± {std:.2g} over {len(values)} seeds ({', '.join(f'{v:.4g}' for v in values)})")
+            each = ", ".join(f"{v:.4g}" for v in values)
+            lines.append(f"{key}: {mean:.4g} ± {std:.2g} over {len(values)} seeds ({each})")
     return "\n".join(lines + list(final.get("verdict", ())))
 
 

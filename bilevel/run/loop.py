@@ -273,14 +273,14 @@ def _run_in_folder(spec: RunSpec, module: Any, cfg: Any, config_table: dict[str,
     final = loop.evaluate()
     if accelerator.is_main_process:  # before the verdict: a verdict that cannot be formed loses no number
         artifacts.write_json(run_dir / "final.json", final)
-    verdict = getattr(loop.declaration, "verdict", None)
+    verdict = loop.declaration.verdict
     if verdict is not None and final:
         final["verdict"] = verdict_lines(verdict, final)
         if accelerator.is_main_process:
             artifacts.write_json(run_dir / "final.json", final)
             plot_result(verdict, final, run_dir / "result.png", f"{spec.problem}: {spec.steps} outer steps, "
                         f"solver {loop.solver_spec}", final["verdict"])
-    if accelerator.is_main_process and getattr(loop.declaration, "plot", None) is not None:
+    if accelerator.is_main_process and loop.declaration.plot is not None:
         loop.declaration.plot(tree.detach(loop.outer), final, run_dir)
     accelerator.wait_for_everyone()
     is_main = accelerator.is_main_process

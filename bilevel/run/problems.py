@@ -1,7 +1,7 @@
 """Finding problem files: the ``bilevel.problems`` entry-point group, or a module path.
 
-A problem file is a module (registered, importable by module path, or a ``.py`` file path) defining ``Config`` (a frozen dataclass), ``SMOKE`` (a ``Config`` that runs in
-seconds) and ``build(cfg, ctx) -> bilevel.Nested | bilevel.SingleLevel`` (``DEFAULT_SOLVER``, a spec
+A problem file is a module (registered, importable by module path, or a ``.py`` file path) defining
+``Config`` (a frozen dataclass), ``SMOKE`` (a ``Config`` that runs in seconds) and ``build(cfg, ctx) -> bilevel.Nested | bilevel.SingleLevel`` (``DEFAULT_SOLVER``, a spec
 string, is shown by ``bilevel list`` when defined). Any installed distribution can add problems without
 editing this repository, with one line in its ``pyproject.toml``::
 

@@ -92,7 +92,8 @@ class OneStep:
         gradient_0 = gradient_0 if full_precision(theta) else None
         diagnostics = {"inner_loss": scalar(loss), "outer_loss": scalar(value), "inner_steps": 1.0,
                        "hvp_count": 1.0 if self.mode == "exact" else 0.0,
-                       "evaluations": (3.0 if self.mode == "finite_difference" else 1.0) + (1.0 if gradient_0 is not None else 2.0),
+                       "evaluations": ((3.0 if self.mode == "finite_difference" else 1.0)
+                                       + (1.0 if gradient_0 is not None else 2.0)),
                        **unrolled_stationarity(problem, theta, theta_new, phi, inner_batch, 1, path,
                                                gradient_0=gradient_0),
                        "autodiff_path": path}

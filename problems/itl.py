@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch.func import functional_call
@@ -105,7 +105,7 @@ def load_domains(name: str, angles, per_domain, seed: int, cache_dir=None) -> di
         ds = data.image_folder_domains(name.split(":", 1)[1], size=(28, 28), cache_dir=cache_dir)
         return {d: data.to_tensors(ds, domains=d) for d in data.domains_of(ds)}
     builders = {"rotated_mnist": data.rotated_mnist, "rotated_digits": data.rotated_digits,
-                "rotated_animals": data.rotated_animals}
+                "rotated_animals": data.rotated_animals, "rotated_fashion_mnist": data.rotated_fashion_mnist}
     if name not in builders:
         raise ValueError(f"ITL: unknown dataset {name!r}; valid: {', '.join(builders)} or 'folder:<root>'")
     ds = builders[name](angles=tuple(angles), per_domain=per_domain, seed=seed, cache_dir=cache_dir)
@@ -252,13 +252,20 @@ def build(cfg: Config, ctx: RunContext, domains: Optional[Mapping[str, Batch]] =
         plot=plot)
 
 
+DEPLOYMENT_OPTIMIZERS = ("sgdm", "adam")
+
+
 def erm(loss_fn, train, arch: str, steps: int, lr: float, seed: int, hidden: int = 256, batch: int = 64,
-        num_classes: Optional[int] = None) -> torch.nn.Module:
-    """Plain ERM (eq. 1) with ``loss_fn(logits, y)``: SGD with momentum 0.9, seeded init and batches."""
+        num_classes: Optional[int] = None, optimizer: str = "sgdm") -> torch.nn.Module:
+    """Plain ERM (eq. 1) with ``loss_fn(logits, y)``, seeded init and batches; ``optimizer`` ``"sgdm"`` (SGD
+    with momentum 0.9) or ``"adam"`` (torch defaults, β = (0.9, 0.999))."""
+    if optimizer not in DEPLOYMENT_OPTIMIZERS:
+        raise ValueError(f"ITL: unknown deployment optimizer {optimizer!r}; valid: {', '.join(DEPLOYMENT_OPTIMIZERS)}")
     x, y = train
     torch.manual_seed(seed)
     model = make_model(arch, tuple(x.shape[1:]), hidden, num_classes or int(y.max()) + 1)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if optimizer == "sgdm"
+           else torch.optim.Adam(model.parameters(), lr=lr))
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, len(y), (min(batch, len(y)),), generator=g)
@@ -276,15 +283,18 @@ def _scores(model, data, loss_fn) -> tuple[float, float, float]:
 
 
 def meta_test(omega: torch.Tensor, spec: TaylorSpec, cfg: Config, dataset: Optional[str] = None,
-              seeds: Optional[int] = None, targets: Optional[list[str]] = None, lrs: Optional[tuple] = None,
-              data_seed: int = 1, extra: Optional[dict] = None) -> dict[str, float]:
+              seeds: Optional[int] = None, targets: Optional[list[str]] = None,
+              grid: Optional[Sequence[tuple[str, float]]] = None, data_seed: int = 1,
+              extra: Optional[dict] = None) -> dict[str, float]:
     """ERM with the frozen loss vs cross-entropy (§4.2 proxy), leave-one-domain-out on a rotated dataset.
 
     For each target domain and seed, trains ``test_arch`` on the other domains (80 %; 20 % held as
     in-domain validation) with each loss and reports the mean over targets and seeds of: target accuracy
-    and CE (out-of-domain), in-domain validation accuracy, and the final training CE. With several
-    ``lrs`` each loss picks its learning rate by in-domain validation accuracy (training-domain
-    validation, DomainBed), the same budget for both losses. ``extra`` adds losses ``{name: loss_fn}``.
+    and CE (out-of-domain), in-domain validation accuracy, and the final training CE. ``grid`` is a list of
+    (optimizer, learning rate) pairs (default: SGD-momentum at ``cfg.test_lr``); with several, each loss and
+    seed picks its pair by in-domain validation accuracy (training-domain validation, DomainBed), the same
+    grid and budget for every loss; ``<loss>/choices`` records the picks. ``extra`` adds losses
+    ``{name: loss_fn}``.
     """
     from .losses import TaylorLoss
     doms = load_domains(dataset or cfg.test_dataset, cfg.angles, cfg.test_per_domain, data_seed, cfg.cache_dir)
@@ -294,6 +304,7 @@ def meta_test(omega: torch.Tensor, spec: TaylorSpec, cfg: Config, dataset: Optio
     out: dict[str, float] = {}
     for lname, loss_fn in losses.items():
         rows: dict[int, list] = {}
+        choices = []
         for tname in names:
             src = [doms[n] for n in doms if n != tname]
             x, y = torch.cat([a for a, _ in src]), torch.cat([b for _, b in src])
@@ -302,12 +313,14 @@ def meta_test(omega: torch.Tensor, spec: TaylorSpec, cfg: Config, dataset: Optio
             train, val = (x[perm[:cut]], y[perm[:cut]]), (x[perm[cut:]], y[perm[cut:]])
             for s in range(seeds or cfg.test_seeds):
                 best = None
-                for lr in lrs or (cfg.test_lr,):
-                    model = erm(loss_fn, train, cfg.test_arch, cfg.test_steps, lr, s, hidden=64, num_classes=num_classes)
+                for opt_name, lr in grid or (("sgdm", cfg.test_lr),):
+                    model = erm(loss_fn, train, cfg.test_arch, cfg.test_steps, lr, s, hidden=64,
+                                num_classes=num_classes, optimizer=opt_name)
                     val_acc = _scores(model, val, loss_fn)[0]
                     if best is None or val_acc > best[0]:
-                        best = (val_acc, model)
-                val_acc, model = best
+                        best = (val_acc, model, f"{opt_name}:{lr:g}")
+                val_acc, model, choice = best
+                choices.append(choice)
                 tacc, tce, _ = _scores(model, doms[tname], loss_fn)
                 _, train_ce, train_loss = _scores(model, train, loss_fn)
                 rows.setdefault(s, []).append((tacc, tce, val_acc, train_ce, train_loss))
@@ -318,4 +331,6 @@ def meta_test(omega: torch.Tensor, spec: TaylorSpec, cfg: Config, dataset: Optio
             out[f"{lname}/{key}_std"] = float(t[:, j].std()) if len(t) > 1 else 0.0
         # the seeds are paired across losses (same initialisation and batches): what the run's verdict compares
         out[f"{lname}/target_per_seed"] = [float(v) for v in t[:, 0]]
+        if grid and len(grid) > 1:
+            out[f"{lname}/choices"] = choices
     return out

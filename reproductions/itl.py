@@ -140,13 +140,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-solvers", action="store_true", help="skip the solver comparison")
-    parser.add_argument("--tuned", metavar="LOSS_PT", help="only re-run the Rotated MNIST meta-test of a saved "
-                        "learned loss, CE and learned each choosing lr from {0.05, 0.01, 0.002} by in-domain "
-                        "validation accuracy (same budget), targets 0/30/75, 3 seeds")
+    parser.add_argument("--tuned", metavar="LOSS_PT", help="only deploy a saved learned loss against CE, each "
+                        "choosing (optimizer, lr) from --grid by in-domain validation accuracy, targets 0/30/75")
+    parser.add_argument("--datasets", default="rotated_mnist", help="--tuned: comma-separated rotated datasets "
+                        "(rotated_mnist, rotated_fashion_mnist, rotated_animals)")
+    parser.add_argument("--seeds", type=int, default=3, help="--tuned: paired seeds")
+    parser.add_argument("--grid", default=DEPLOYMENT_GRID, help="--tuned: optimizer:lr pairs to choose from")
+    parser.add_argument("--tag", default="", help="--tuned: output stem tuned_<tag>.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.tuned:
-        return tuned_meta_test(Path(args.tuned), args.quick)
+        return tuned_meta_test(Path(args.tuned), args.quick, args.datasets.split(","), args.seeds, args.grid,
+                               args.tag)
     global OUT
     if not args.quick:  # the full mode writes beside, not over, the quick results
         OUT = OUT / "full"
@@ -205,22 +210,55 @@ def main() -> None:
     write_report(S, cfg, omega, history, tests, solver_rows, time.perf_counter() - t_start, args.quick)
 
 
-def tuned_meta_test(path: Path, quick: bool) -> None:
-    """Meta-test with the same learning-rate grid for both losses (training-domain validation)."""
+DEPLOYMENT_GRID = "sgdm:0.05,sgdm:0.01,sgdm:0.002,adam:0.003,adam:0.001,adam:0.0003"
+
+
+def parse_grid(text: str) -> list[tuple[str, float]]:
+    """``"sgdm:0.05,adam:0.001"`` -> [("sgdm", 0.05), ("adam", 0.001)]."""
+    pairs = []
+    for item in text.split(","):
+        name, _, lr = item.partition(":")
+        if name not in itl.DEPLOYMENT_OPTIMIZERS or not lr:
+            raise SystemExit(f"--grid: {item!r} is not optimizer:lr with optimizer in "
+                             f"{', '.join(itl.DEPLOYMENT_OPTIMIZERS)} (e.g. adam:0.001)")
+        pairs.append((name, float(lr)))
+    return pairs
+
+
+def tuned_meta_test(path: Path, quick: bool, datasets: list[str], seeds: int, grid_text: str,
+                    tag: str) -> None:
+    """Deploy a saved learned loss as the paper does (plain ERM, a new network) with the deployment optimiser
+    and learning rate chosen per loss and seed by in-domain validation accuracy from the same grid, against
+    cross-entropy given the same choice; paired over seeds (same split, initialisation and batches)."""
     loss = TaylorLoss.load(path)
-    cfg = replace(settings(quick)["meta"], test_seeds=3)
-    m = itl.meta_test(loss.theta, loss.spec, cfg, dataset="rotated_mnist", targets=["0", "30", "75"],
-                      lrs=(0.05, 0.01, 0.002), data_seed=1)
-    lines = [f"# Tuned meta-test of {path.name}", "",
-             f"Command: `python reproductions/itl.py --tuned {path}{' --quick' if quick else ''}`. Rotated MNIST "
-             "(new image split), CNN, targets 0/30/75, 3 seeds; each loss picks its lr from {0.05, 0.01, 0.002} "
-             "by in-domain validation accuracy.", "",
-             "| loss | target (OOD) acc | target CE | in-domain acc | train CE |", "|---|---|---|---|---|"]
-    for name in ("ce", "learned"):
-        lines.append(f"| {name} | {fmt(m, name, 'target_accuracy')} | {fmt(m, name, 'target_ce', False)} | "
-                     f"{fmt(m, name, 'in_domain_accuracy')} | {fmt(m, name, 'train_ce', False)} |")
-    out = path.parent / f"tuned_{'quick' if quick else 'full'}.md"
+    grid = parse_grid(grid_text)
+    cfg = replace(settings(quick)["meta"], test_seeds=seeds)
+    t0 = time.process_time()
+    command = f"python reproductions/itl.py --tuned {path}{' --quick' if quick else ''} --datasets " \
+              f"{','.join(datasets)} --seeds {seeds} --grid {grid_text}" + (f" --tag {tag}" if tag else "")
+    lines = [f"# Deployment of {path.name}: optimiser and learning rate chosen on validation for both losses", "",
+             f"Command: `{command}`. CNN (never used in meta-training), {cfg.test_steps} steps, targets 0/30/75, "
+             f"{seeds} seeds (paired: the same split, initialisation and batches for both losses); each loss and seed "
+             f"picks its (optimizer, lr) from {{{grid_text}}} by in-domain validation accuracy.", "",
+             "| data | loss | target (OOD) acc | target CE | in-domain acc | train CE | learned − CE (paired, p) | picks |",
+             "|---|---|---|---|---|---|---|---|"]
+    results = {}
+    for ds in datasets:
+        m = itl.meta_test(loss.theta, loss.spec, cfg, dataset=ds, targets=["0", "30", "75"], grid=grid, data_seed=1)
+        results[ds] = m
+        gap = bilevel.paired_gap([100 * v for v in m["learned/target_per_seed"]],
+                                 [100 * v for v in m["ce/target_per_seed"]])
+        for name in ("ce", "learned"):
+            picks = ", ".join(f"{c} ×{m[f'{name}/choices'].count(c)}" for c in dict.fromkeys(m[f"{name}/choices"]))
+            g = f"{gap.mean:+.2f} ± {gap.std:.2f} (p = {gap.p_value:.2g})" if name == "learned" else ""
+            lines.append(f"| {ds} | {name} | {fmt(m, name, 'target_accuracy')} | {fmt(m, name, 'target_ce', False)} | "
+                         f"{fmt(m, name, 'in_domain_accuracy')} | {fmt(m, name, 'train_ce', False)} | {g} | {picks} |")
+        print(lines[-2] + "\n" + lines[-1], flush=True)
+    lines += ["", f"CPU time: {time.process_time() - t0:.0f} s (one thread)."]
+    stem = f"tuned_{tag or ('quick' if quick else 'full')}"
+    out = path.parent / f"{stem}.md"
     out.write_text("\n".join(lines) + "\n")
+    (path.parent / f"{stem}.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
     print(out.read_text())
 
 

@@ -382,3 +382,20 @@ def test_the_dg_harness_trains_on_colored_fashion_mnist(tmp_path, monkeypatch):
     assert sum(len(part[1]) for parts in task.splits.values() for part in parts.values()) == 18000
     _, history, _ = bilevel.run_locally(task.declaration(), 1)
     assert len(history) == 1 and history[0]["outer_loss"] > 0
+
+
+def test_the_dg_harness_sets_the_environment_size_and_refuses_it_elsewhere(tmp_path, monkeypatch):
+    """``per_env`` reaches the data layer (3 x 900 images with a 20 % holdout: 720 to train on per
+    environment); on a dataset of fixed size it is an error that names the fix, raised before any data is read."""
+    import bilevel
+    from bilevel.problems.domain_generalization import DGConfig, DGTask
+    folder = tmp_path / "fmnist"
+    write_folder(folder, 2400, 600, compress=False)
+    monkeypatch.setenv("BILEVEL_FASHION_MNIST", str(folder))
+    cfg = DGConfig(algorithm="erm", dataset="colored_fashion_mnist", hidden=8, per_env=900, holdout=0.2,
+                   cache_dir=str(tmp_path / "cache"))
+    task = DGTask(cfg, bilevel.local_context())
+    assert {name: (len(p["in"][1]), len(p["out"][1])) for name, p in task.splits.items()} == \
+        {"+90%": (720, 180), "+80%": (720, 180), "-90%": (720, 180)}
+    with pytest.raises(ValueError, match="per_env sets the size of colored_fashion_mnist.*drop per_env"):
+        DGTask(DGConfig(dataset="synthetic", per_env=900), bilevel.local_context())

@@ -337,3 +337,42 @@ def test_bad_config_raises():
         itl.build(itl.SMOKE, ctx, domains=dict(list(_domains(6).items())[:1]))
     with pytest.raises(ValueError, match="unknown dataset"):
         itl.load_domains("pacs", (0,), None, 0)
+
+
+def test_deployment_optimisers_are_torch_optimisers_and_the_grid_picks_by_validation(monkeypatch):
+    """``erm(optimizer="adam")`` is torch.optim.Adam on the same seeded init and batches (bitwise); the meta-test
+    grid trains every (optimizer, lr) pair and keeps, per loss and seed, the one with the best in-domain
+    validation accuracy; an unknown optimizer is refused by name."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 1, 6, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    model = itl.erm(torch.nn.functional.cross_entropy, (x, y), "mlp", 5, 0.01, seed=3, hidden=8, batch=8,
+                    num_classes=3, optimizer="adam")
+    torch.manual_seed(3)
+    ref = itl.make_model("mlp", (1, 6, 6), 8, 3)
+    opt, gen = torch.optim.Adam(ref.parameters(), lr=0.01), torch.Generator().manual_seed(3)
+    for _ in range(5):
+        idx = torch.randint(0, 40, (8,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x[idx]), y[idx]).backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    with pytest.raises(ValueError, match="unknown deployment optimizer 'rmsprop'"):
+        itl.erm(torch.nn.functional.cross_entropy, (x, y), "mlp", 1, 0.01, seed=0, optimizer="rmsprop")
+
+    # The pick: a validation score that depends only on the pair, so the best pair is known in advance.
+    trained = []
+    def fake_erm(loss_fn, train, arch, steps, lr, seed, hidden=256, batch=64, num_classes=None, optimizer="sgdm"):
+        trained.append((optimizer, lr))
+        model = itl.make_model(arch, tuple(train[0].shape[1:]), hidden, num_classes)
+        model.score = {("sgdm", 0.1): 0.2, ("adam", 0.001): 0.9, ("adam", 0.01): 0.5}[(optimizer, lr)]
+        return model
+    monkeypatch.setattr(itl, "erm", fake_erm)
+    monkeypatch.setattr(itl, "_scores", lambda model, data, loss_fn: (getattr(model, "score", 0.0), 1.0, 1.0))
+    spec = itl.TaylorSpec("itl", 4)
+    cfg = dataclasses.replace(itl.SMOKE, test_arch="mlp", test_steps=1)
+    grid = [("sgdm", 0.1), ("adam", 0.001), ("adam", 0.01)]
+    m = itl.meta_test(itl.initial_theta(spec, "brier"), spec, cfg, dataset="rotated_digits", seeds=2,
+                      targets=["0"], grid=grid)
+    assert trained == grid * 4  # 2 losses x 1 target x 2 seeds, each the whole grid
+    assert m["ce/choices"] == m["learned/choices"] == ["adam:0.001", "adam:0.001"]
+    assert m["ce/in_domain_accuracy"] == pytest.approx(0.9)

@@ -66,8 +66,10 @@ def _imbalance(ds, seed: int, minority: float, train_domains: list[str]):
 
 
 def load_domains(name: str, seed: int, cache_dir: Optional[str] = None, minority: float = 0.05,
-                 device: torch.device | str = "cpu", synthetic_size: int = 200) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{domain: (X, y)}`` for dataset ``name`` (see module doc), tensors on ``device``."""
+                 device: torch.device | str = "cpu", synthetic_size: int = 200,
+                 per_env: Optional[int] = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{domain: (X, y)}`` for dataset ``name`` (see module doc), tensors on ``device``; ``per_env`` images per
+    environment of ``colored_fashion_mnist`` (None: the data layer's 6,000)."""
     if name == "synthetic":
         return {k: (x.to(device), y.to(device)) for k, (x, y) in synthetic(seed, synthetic_size).items()}
     if name not in DATASETS:
@@ -80,7 +82,7 @@ def load_domains(name: str, seed: int, cache_dir: Optional[str] = None, minority
                 raise ValueError(f"minority must be in (0, 0.5), got {minority}")
             ds = ds.select(_imbalance(ds, seed, minority, ["+90%", "+80%"]))
     elif name == "colored_fashion_mnist":
-        ds = D.colored_fashion_mnist(seed=seed, cache_dir=cache_dir)
+        ds = D.colored_fashion_mnist(seed=seed, cache_dir=cache_dir, **({} if per_env is None else {"per_env": per_env}))
     elif name == "rotated_mnist":
         ds = D.rotated_mnist(seed=seed, cache_dir=cache_dir)
     else:

@@ -55,6 +55,7 @@ class DGConfig:
     holdout: float = 0.0                         # DomainBed: 0.2 of each domain held out for validation
     minority: float = 0.05                       # colored_mnist_imbalanced: minority-class share (Sec. 5.3)
     synthetic_size: int = 200                    # dataset="synthetic": samples per domain
+    per_env: Optional[int] = None                # colored_fashion_mnist: images per environment (None: 6,000)
     data_seed: Optional[int] = None              # None: the run seed (IRM redraws the colours per restart)
     hparam_trial: Optional[int] = None           # None: these values; k >= 0: DomainBed random-search trial k
     cache_dir: Optional[str] = None
@@ -71,6 +72,9 @@ def resolve(cfg: DGConfig) -> DGConfig:
         raise ValueError(f"batch_size must be >= 1 or None (full batch), got {cfg.batch_size}")
     if not 0.0 <= cfg.holdout < 1.0:
         raise ValueError(f"holdout must be in [0, 1), got {cfg.holdout}")
+    if cfg.per_env is not None and cfg.dataset != "colored_fashion_mnist":
+        raise ValueError(f"per_env sets the size of colored_fashion_mnist's environments; dataset {cfg.dataset!r} "
+                         "has fixed sizes: drop per_env or use dataset=colored_fashion_mnist")
     return cfg
 
 
@@ -83,7 +87,8 @@ class DGTask:
         self.cfg = cfg = resolve(cfg)
         self.algorithm = get_algorithm(cfg.algorithm)
         seed = ctx.seed if cfg.data_seed is None else cfg.data_seed
-        domains = load_domains(cfg.dataset, seed, cfg.cache_dir, cfg.minority, ctx.device, cfg.synthetic_size)
+        domains = load_domains(cfg.dataset, seed, cfg.cache_dir, cfg.minority, ctx.device, cfg.synthetic_size,
+                               cfg.per_env)
         unknown = [d for d in cfg.test_domains if d not in domains]
         if unknown:
             raise ValueError(f"test_domains {unknown} not in dataset {cfg.dataset!r}; its domains: {list(domains)}")

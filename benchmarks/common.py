@@ -372,10 +372,23 @@ def hw_iterative_solve(method: str, matvec: Callable[[dict], dict], b: dict, *, 
     raise ValueError(f"hw_iterative_solve: unknown method {method!r}; choose from {ITERATIVE}")
 
 
+def nystrom_indices(n: int, rank: int, seed: int) -> torch.Tensor:
+    """The Nyström index set K: the first min(rank, n) entries of a permutation of n seeded with ``seed``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:min(rank, n)]
+
+
+def nystrom_solve(columns: torch.Tensor, index: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x = (C W⁻¹ Cᵀ + σI)⁻¹ b for C = H[:, K], W = H[K, K] by the Woodbury identity in the form of the Nyström
+    paper's reference code (Hataya & Yamada, arXiv:2302.09726): x = (b − C (σW + CᵀC)⁻¹ Cᵀ b) / σ."""
+    W = columns[index]
+    return (b - columns @ torch.linalg.solve(sigma * W + columns.T @ columns, columns.T @ b)) / sigma
+
+
 def hw_implicit(p: Problem, method: str, *, maxiter: int = 100, rtol: float = 1e-6, alpha: float = 0.01,
-                terms: int = 15, damping: float = 0.0) -> dict:
-    """K steps, then IFT with a hand-written linear solve (cg / neumann / fixedpoint / exact) of (H + δI)x = ∇θF,
-    δ = ``damping``."""
+                terms: int = 15, damping: float = 0.0, rank: int = 10, rho: float = 0.01, seed: int = 0) -> dict:
+    """K steps, then IFT with a hand-written linear solve (cg / neumann / fixedpoint / exact / nystrom) of
+    (H + δI)x = ∇θF, δ = ``damping``; nystrom solves (H_k + (δ + ρ)I)x = ∇θF with the rank-``rank`` Nyström
+    approximation H_k of H at the seeded index set (:func:`nystrom_indices`), as ``nystrom:rank=,rho=,seed=``."""
     phi = {k: v.detach() for k, v in p.outer.items()}
     theta, _ = hw_run(p, p.inner, phi, p.steps)
     f = lambda th, ph: p.outer_loss(th, ph, p.outer_batch)
@@ -388,7 +401,7 @@ def hw_implicit(p: Problem, method: str, *, maxiter: int = 100, rtol: float = 1e
         matvec = lambda v: hvp_vjp(v)[0]
     if method in ITERATIVE:
         x = hw_iterative_solve(method, matvec, gt, maxiter=maxiter, rtol=rtol, alpha=alpha, terms=terms)
-    elif method == "exact":
+    elif method in ("exact", "nystrom"):
         keys, shapes = list(gt), [v.shape for v in gt.values()]
         sizes = [v.numel() for v in gt.values()]
         flat_b = torch.cat([v.reshape(-1) for v in gt.values()])
@@ -396,9 +409,15 @@ def hw_implicit(p: Problem, method: str, *, maxiter: int = 100, rtol: float = 1e
         def unflat(vec):
             return {k: t.reshape(s) for k, t, s in zip(keys, vec.split(sizes), shapes)}
 
-        eye = torch.eye(flat_b.numel(), dtype=flat_b.dtype)
-        Hm = torch.func.vmap(lambda e: torch.cat([v.reshape(-1) for v in matvec(unflat(e)).values()]))(eye)
-        x = unflat(torch.linalg.solve(Hm.T, flat_b))
+        if method == "exact":
+            eye = torch.eye(flat_b.numel(), dtype=flat_b.dtype)
+            Hm = torch.func.vmap(lambda e: torch.cat([v.reshape(-1) for v in matvec(unflat(e)).values()]))(eye)
+            x = unflat(torch.linalg.solve(Hm.T, flat_b))
+        else:  # the columns of H itself (δ joins the ridge)
+            index = nystrom_indices(flat_b.numel(), rank, seed)
+            rows = torch.func.vmap(lambda e: torch.cat([v.reshape(-1) for v in hvp_vjp(unflat(e))[0].values()]))(
+                torch.nn.functional.one_hot(index, flat_b.numel()).to(flat_b.dtype))
+            x = unflat(nystrom_solve(rows.T, index, flat_b, damping + rho))
     else:
         raise ValueError(method)
     _, mixed = torch.func.vjp(lambda ph: grad_theta(theta, ph, p.inner_batch), phi)
@@ -494,6 +513,77 @@ def hw_onestep(p: Problem, theta: dict, vel: Optional[dict] = None) -> dict:
         return p.outer_loss(th, ph, p.outer_batch)
 
     return torch.func.grad(objective)(phi)
+
+
+F2SA_LAMBDA, F2SA_STEPS = 10.0, 10
+"""The f2sa rows of the benchmarks: a fixed λ and this many steps on y and z from the warm start (its O(1/λ) bias
+shows in ``cos vs IFT``; the target is the same computation in float64)."""
+
+
+def hw_f2sa(p: Problem, theta: dict, lam: float, steps: int) -> dict:
+    """F2SA from the warm start θ (y = z = θ), torch.func: ``steps`` (heavy-ball) GD steps on z over G and on y over
+    G + F/λ, then ∇φF(y) + λ(∇φG(y) − ∇φG(z)) (bilevel/solvers/f2sa.py)."""
+    phi = {k: v.detach() for k, v in p.outer.items()}
+    g_in, g_out = torch.func.grad(p.inner_loss), torch.func.grad(p.outer_loss)
+    y, z, vy, vz = dict(theta), dict(theta), None, None
+    for _ in range(steps):
+        gz = g_in(z, phi, p.inner_batch)
+        gi, go = g_in(y, phi, p.inner_batch), g_out(y, phi, p.outer_batch)
+        gy = {k: gi[k] + go[k] / lam for k in y}
+        if p.momentum:
+            vz = gz if vz is None else {k: p.momentum * vz[k] + gz[k] for k in z}
+            vy = gy if vy is None else {k: p.momentum * vy[k] + gy[k] for k in y}
+            gz, gy = vz, vy
+        z = {k: z[k] - p.lr * gz[k] for k in z}
+        y = {k: y[k] - p.lr * gy[k] for k in y}
+    g_phi = torch.func.grad(p.inner_loss, argnums=1)
+    gf = torch.func.grad(p.outer_loss, argnums=1)(y, phi, p.outer_batch)
+    gy_phi, gz_phi = g_phi(y, phi, p.inner_batch), g_phi(z, phi, p.inner_batch)
+    return {k: gf[k] + lam * (gy_phi[k] - gz_phi[k]) for k in phi}
+
+
+BOME_ETA = 5.0
+"""The bome rows of the benchmarks: η of the gradient control, large enough that the barrier is active (λ > 0) at
+the cold start p.inner, where the rows start (at η = 0.5 λ = 0 on ridge, whose F does not read φ: d_φ = 0)."""
+
+
+def hw_bome(p: Problem, theta: dict, eta: float = BOME_ETA) -> dict:
+    """BOME's φ-part from θ, torch.func (bilevel/solvers/bome.py): θ_T = K (heavy-ball) steps from θ, ∇q̂ =
+    (∇φG(θ) − ∇φG(θ_T), ∇θG(θ)), λ = max(η − ⟨∇F, ∇q̂⟩/‖∇q̂‖², 0), d_φ = ∇φF(θ) + λ∇φq̂."""
+    phi = {k: v.detach() for k, v in p.outer.items()}
+    theta_t, _ = hw_run(p, theta, phi, p.steps)
+    g_theta, g_phi = torch.func.grad(p.inner_loss, argnums=(0, 1))(theta, phi, p.inner_batch)
+    g_phi_t = torch.func.grad(p.inner_loss, argnums=1)(theta_t, phi, p.inner_batch)
+    f_theta, f_phi = torch.func.grad(p.outer_loss, argnums=(0, 1))(theta, phi, p.outer_batch)
+    dq_phi = {k: g_phi[k] - g_phi_t[k] for k in phi}
+    sq = _dot(dq_phi, dq_phi) + _dot(g_theta, g_theta)
+    lam = torch.clamp((eta * sq - _dot(f_phi, dq_phi) - _dot(f_theta, g_theta)) / sq, min=0.0)
+    return {k: f_phi[k] + lam * dq_phi[k] for k in phi}
+
+
+SOBA_INNER, SOBA_V = 1, 10
+"""The soba rows of the benchmarks: from the warm start and v = 0, this many (heavy-ball) steps on θ and GD steps on v
+(ρ = the problem's lr); the target is the same computation in float64."""
+
+
+def hw_soba(p: Problem, theta: dict, inner_steps: int = SOBA_INNER, v_steps: int = SOBA_V,
+            v_lr: Optional[float] = None) -> dict:
+    """SOBA / AmIGO from the warm start θ and v = 0, torch.func: ``inner_steps`` (heavy-ball) GD steps on θ, then
+    v ← v − ρ (H v − ∇θF) ``v_steps`` times at the new θ (ρ = ``v_lr``, default the problem's lr), then
+    ∇φF − (∂²G/∂φ∂θ)ᵀ v (bilevel/solvers/soba.py)."""
+    rho = p.lr if v_lr is None else v_lr
+    phi = {k: v.detach() for k, v in p.outer.items()}
+    theta, _ = hw_run(p, theta, phi, inner_steps)
+    g_in = torch.func.grad(p.inner_loss)
+    gt, gp = torch.func.grad(p.outer_loss, argnums=(0, 1))(theta, phi, p.outer_batch)
+    _, hvp = torch.func.vjp(lambda th: g_in(th, phi, p.inner_batch), theta)
+    v = {k: rho * gt[k] for k in gt}  # the first step from v = 0 needs no product
+    for _ in range(v_steps - 1):
+        hv = hvp(v)[0]
+        v = {k: v[k] - rho * (hv[k] - gt[k]) for k in v}
+    _, mixed = torch.func.vjp(lambda ph: g_in(theta, ph, p.inner_batch), phi)
+    m = mixed(v)[0]
+    return {k: gp[k] - m[k] for k in gp}
 
 
 def hw_cmaes(p: Problem, popsize: int = 8, sigma: float = 0.1, seed: int = 1) -> dict:

@@ -8,7 +8,8 @@ twins are ``common.hw_*``.
 - implicit (cg / neumann / fixedpoint / exact): the loop without a graph, then one ``create_graph`` gradient
   g = ∇θG(θ_K, φ) whose backward passes give H v (``autograd.grad(g, θ, v)``, + δv with damping δ) and the
   mixed term (∂²G/∂φ∂θ)ᵀx = ``autograd.grad(g, φ, x)``; exact builds H with one batched backward
-  (``is_grads_batched``) of the identity;
+  (``is_grads_batched``) of the identity, nystrom its k sampled columns H[:, K] with one batched backward of
+  the k unit vectors and solves by the Woodbury identity (``common.nystrom_solve``);
 - unroll: the loop on the tape with ``create_graph=True`` from φ, one ``autograd.grad`` of F (truncated: the first
   K − T steps without a graph);
 - checkpointed unroll: the adjoint pass the library runs: the iterates at every ⌈√K⌉-th step stored, each segment
@@ -16,6 +17,7 @@ twins are ``common.hw_*``.
 - forward: ``torch.autograd.forward_ad``: per basis direction of φ, the loop at the dual point (forward-over-
   reverse: each step a tape gradient of the dual loss, no graph kept);
 - onestep: one differentiated step from the warm start; cmaes: one CMA-ES generation scored by the no-graph loop.
+- soba: steps on θ from the warm start, then GD steps on v through one ``create_graph`` gradient at the new θ.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Optional
 import torch
 from torch.autograd import forward_ad
 
-from common import ITERATIVE, Problem, hw_iterative_solve
+from common import ITERATIVE, Problem, hw_iterative_solve, nystrom_indices, nystrom_solve
 
 
 def _leaves(d: dict) -> dict:
@@ -59,7 +61,7 @@ def run(p: Problem, theta: dict, phi: dict, steps: int, vel: Optional[dict] = No
 
 
 def implicit(p: Problem, method: str, *, maxiter: int = 100, rtol: float = 1e-6, alpha: float = 0.01,
-             terms: int = 15, damping: float = 0.0) -> dict:
+             terms: int = 15, damping: float = 0.0, rank: int = 10, rho: float = 0.01, seed: int = 0) -> dict:
     """K steps, then IFT: ∇φF − (∂²G/∂φ∂θ)ᵀ x with (H + δI) x = ∇θF solved by ``method``."""
     phi0 = {k: v.detach() for k, v in p.outer.items()}
     theta_k, _ = run(p, p.inner, phi0, p.steps)
@@ -87,6 +89,16 @@ def implicit(p: Problem, method: str, *, maxiter: int = 100, rtol: float = 1e-6,
         cols = torch.autograd.grad(g, list(theta.values()), rows, retain_graph=True, is_grads_batched=True)
         Hm = torch.cat([c.reshape(n, -1) for c in cols], dim=1) + damping * eye
         flat = torch.linalg.solve(Hm, torch.cat([v.reshape(-1) for v in gt.values()]))
+        x = {k: c.reshape(s) for k, c, s in zip(tk, flat.split(sizes), shapes)}
+    elif method == "nystrom":  # H[:, K] by one batched backward, then the Woodbury solve (common.nystrom_solve)
+        sizes, shapes = [v.numel() for v in gt.values()], [v.shape for v in gt.values()]
+        n = sum(sizes)
+        index = nystrom_indices(n, rank, seed)
+        units = torch.nn.functional.one_hot(index, n).to(gt[tk[0]].dtype)
+        rows = [c.reshape(len(index), *s) for c, s in zip(units.split(sizes, dim=1), shapes)]
+        cols = torch.autograd.grad(g, list(theta.values()), rows, retain_graph=True, is_grads_batched=True)
+        C = torch.cat([c.reshape(len(index), -1) for c in cols], dim=1).T
+        flat = nystrom_solve(C, index, torch.cat([v.reshape(-1) for v in gt.values()]), damping + rho)
         x = {k: c.reshape(s) for k, c, s in zip(tk, flat.split(sizes), shapes)}
     else:
         raise ValueError(method)
@@ -198,6 +210,77 @@ def onestep(p: Problem, warm: dict, vel: Optional[dict] = None) -> dict:
         theta, _ = run(p, warm, phi, 1, vel, create_graph=True)
         out = p.outer_loss(theta, phi, p.outer_batch)
         return dict(zip(phi, torch.autograd.grad(out, list(phi.values()))))
+
+
+def bome(p: Problem, theta: dict, eta: float) -> dict:
+    """BOME's φ-part from θ on the tape: θ_T = K (heavy-ball) steps from θ, then three gradients (∇G at θ, ∇φG at
+    θ_T, ∇F at θ), λ = max(η − ⟨∇F, ∇q̂⟩/‖∇q̂‖², 0), d_φ = ∇φF + λ(∇φG(θ) − ∇φG(θ_T))."""
+    theta_t, _ = run(p, theta, p.outer, p.steps)
+
+    def grads(loss_fn, th, batch):
+        t, ph = _leaves(th), _leaves(p.outer)
+        with torch.enable_grad():
+            found = torch.autograd.grad(loss_fn(t, ph, batch), [*t.values(), *ph.values()], allow_unused=True)
+        found = [g if g is not None else torch.zeros_like(v) for g, v in zip(found, [*t.values(), *ph.values()])]
+        return dict(zip(t, found[:len(t)])), dict(zip(ph, found[len(t):]))
+
+    g_theta, g_phi = grads(p.inner_loss, theta, p.inner_batch)
+    g_phi_t = grads(p.inner_loss, theta_t, p.inner_batch)[1]
+    f_theta, f_phi = grads(p.outer_loss, theta, p.outer_batch)
+    dq_phi = {k: g_phi[k] - g_phi_t[k] for k in g_phi}
+    dot = lambda a, b: sum((a[k] * b[k]).sum() for k in a)  # noqa: E731
+    sq = dot(dq_phi, dq_phi) + dot(g_theta, g_theta)
+    lam = torch.clamp((eta * sq - dot(f_phi, dq_phi) - dot(f_theta, g_theta)) / sq, min=0.0)
+    return {k: f_phi[k] + lam * dq_phi[k] for k in f_phi}
+
+
+def f2sa(p: Problem, warm: dict, lam: float, steps: int) -> dict:
+    """F2SA from the warm start (y = z = θ) on the tape: ``steps`` (heavy-ball) GD steps on z over G and on y over
+    G + F/λ, then ∇φF(y) + λ(∇φG(y) − ∇φG(z)); nothing is differentiated twice."""
+    phi = {k: v.detach() for k, v in p.outer.items()}
+
+    def grads(loss_fn, theta, batch, wrt_phi=False):
+        th, ph = _leaves(theta), (_leaves(phi) if wrt_phi else phi)
+        with torch.enable_grad():
+            leaves = ph if wrt_phi else th
+            found = torch.autograd.grad(loss_fn(th, ph, batch), list(leaves.values()), allow_unused=True)
+        return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, found)}
+
+    y, z, vy, vz = dict(warm), dict(warm), None, None
+    for _ in range(steps):
+        gz = grads(p.inner_loss, z, p.inner_batch)
+        gi, go = grads(p.inner_loss, y, p.inner_batch), grads(p.outer_loss, y, p.outer_batch)
+        gy = {k: gi[k] + go[k] / lam for k in y}
+        if p.momentum:
+            vz = gz if vz is None else {k: p.momentum * vz[k] + gz[k] for k in z}
+            vy = gy if vy is None else {k: p.momentum * vy[k] + gy[k] for k in y}
+            gz, gy = vz, vy
+        z = {k: z[k] - p.lr * gz[k] for k in z}
+        y = {k: y[k] - p.lr * gy[k] for k in y}
+    gf = grads(p.outer_loss, y, p.outer_batch, wrt_phi=True)
+    gy_phi, gz_phi = grads(p.inner_loss, y, p.inner_batch, True), grads(p.inner_loss, z, p.inner_batch, True)
+    return {k: gf[k] + lam * (gy_phi[k] - gz_phi[k]) for k in phi}
+
+
+def soba(p: Problem, warm: dict, inner_steps: int, v_steps: int, v_lr: float) -> dict:
+    """SOBA / AmIGO from the warm start and v = 0 on the tape: ``inner_steps`` (heavy-ball) GD steps on θ, then one
+    ``create_graph`` gradient g = ∇θG(θ, φ) whose backward passes give H v (``v_steps`` steps v ← v − ρ(Hv − ∇θF))
+    and the mixed term (∂²G/∂φ∂θ)ᵀv; returns ∇φF − (∂²G/∂φ∂θ)ᵀv."""
+    phi0 = {k: v.detach() for k, v in p.outer.items()}
+    theta_k, _ = run(p, warm, phi0, inner_steps)
+    theta, phi = _leaves(theta_k), _leaves(phi0)
+    with torch.enable_grad():
+        f = p.outer_loss(theta, phi, p.outer_batch)
+        found = torch.autograd.grad(f, [*theta.values(), *phi.values()], allow_unused=True)
+        gt = dict(zip(theta, found[:len(theta)]))
+        gp = {k: g if g is not None else torch.zeros_like(phi[k]) for k, g in zip(phi, found[len(theta):])}
+        g = torch.autograd.grad(p.inner_loss(theta, phi, p.inner_batch), list(theta.values()), create_graph=True)
+        v = {k: v_lr * gt[k] for k in gt}  # the first step from v = 0 needs no product
+        for _ in range(v_steps - 1):
+            hv = torch.autograd.grad(g, list(theta.values()), [v[k] for k in theta], retain_graph=True)
+            v = {k: v[k] - v_lr * (h - gt[k]) for k, h in zip(theta, hv)}
+        mixed = torch.autograd.grad(g, list(phi.values()), [v[k] for k in theta], allow_unused=True)
+    return {k: (gp[k] - m if m is not None else gp[k]).detach() for k, m in zip(phi, mixed)}
 
 
 def cmaes(p: Problem, popsize: int = 8, sigma: float = 0.1, seed: int = 1) -> dict:

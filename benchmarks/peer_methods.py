@@ -16,10 +16,14 @@ import common
 import hw_autograd as hwa
 import peer_adapters as pa
 from common import Problem
+from common import F2SA_LAMBDA, F2SA_STEPS
 
-FAMILIES = ("cg", "neumann", "fixedpoint", "exact", "forward", "unroll", "unroll truncate", "unroll checkpoint",
-            "onestep", "cmaes")
+FAMILIES = ("cg", "neumann", "fixedpoint", "exact", "nystrom", "forward", "unroll", "unroll truncate",
+            "unroll checkpoint", "onestep", "cmaes")
 """Solver families in table order; the first word is the registered solver name."""
+FAMILIES += ("f2sa",)  # fixed λ from the warm start (common.F2SA_LAMBDA, F2SA_STEPS); target: the same in float64
+FAMILIES += ("soba",)  # from the warm start, v = 0 (common.SOBA_INNER, SOBA_V, ρ = alpha); target: float64 twin
+FAMILIES += ("bome",)  # from p.inner (η = common.BOME_ETA, K inner steps); target: the same step in float64
 
 IMPLS = ("ours", "autograd", "func", "torchopt", "higher", "betty", "jax")
 IMPL_NAMES = {"ours": "ours", "autograd": "hand-written autograd", "func": "hand-written torch.func",
@@ -56,11 +60,15 @@ def ours_spec(family: str, s: dict) -> str:
         "neumann": f"neumann:alpha={s['alpha']},terms={s['terms']}{damp}",
         "fixedpoint": f"fixedpoint:alpha={s['alpha']},maxiter={s['fp_iters']},rtol=0{damp}",
         "exact": f"exact{':' + damp[1:] if damp else ''}",
+        "nystrom": f"nystrom:rank={s['rank']},rho={s['rho']}{damp}",
         "forward": f"forward:chunk_size={s['chunk']}",
         "unroll": "unroll",
         "unroll truncate": f"unroll:truncate={s['truncate']}",
         "unroll checkpoint": "unroll:checkpoint=true",
         "onestep": "onestep",
+        "f2sa": f"f2sa:steps={F2SA_STEPS},lambda0={F2SA_LAMBDA},lambda_power=0,lambda_max={F2SA_LAMBDA}",
+        "soba": f"soba:inner_steps={common.SOBA_INNER},v_steps={common.SOBA_V},v_lr={s['alpha']}",
+        "bome": f"bome:eta={common.BOME_ETA}",
         "cmaes": f"cmaes:popsize={s['popsize']},sigma={s['sigma']},seed=1",
     }[family]
 
@@ -88,17 +96,28 @@ def methods(p: Problem, s: dict, warm: dict, *, extra_paths: tuple[str, ...] = (
                                                           damping=d)),
         "exact": (lambda: lambda: hwa.implicit(p, "exact", damping=d),
                   lambda: lambda: common.hw_implicit(p, "exact", damping=d)),
+        "nystrom": (lambda: lambda: hwa.implicit(p, "nystrom", rank=s["rank"], rho=s["rho"], damping=d),
+                    lambda: lambda: common.hw_implicit(p, "nystrom", rank=s["rank"], rho=s["rho"], damping=d)),
         "forward": (lambda: lambda: hwa.forward(p), lambda: lambda: common.hw_forward(p, s["chunk"])),
         "unroll": (lambda: lambda: hwa.unroll(p), lambda: lambda: common.hw_unroll(p)),
         "unroll truncate": (lambda: lambda: hwa.unroll(p, s["truncate"]),
                             lambda: lambda: common.hw_unroll(p, s["truncate"])),
         "unroll checkpoint": (lambda: lambda: hwa.checkpoint(p), lambda: lambda: common.hw_checkpoint(p)),
         "onestep": (lambda: lambda: hwa.onestep(p, warm), lambda: lambda: common.hw_onestep(p, warm)),
+        "f2sa": (lambda: lambda: hwa.f2sa(p, warm, F2SA_LAMBDA, F2SA_STEPS),
+                 lambda: lambda: common.hw_f2sa(p, warm, F2SA_LAMBDA, F2SA_STEPS)),
+        "soba": (lambda: lambda: hwa.soba(p, warm, common.SOBA_INNER, common.SOBA_V, s["alpha"]),
+                 lambda: lambda: common.hw_soba(p, warm, v_lr=s["alpha"])),
+        "bome": (lambda: lambda: hwa.bome(p, p.inner, common.BOME_ETA), lambda: lambda: common.hw_bome(p, p.inner)),
         "cmaes": (lambda: lambda: hwa.cmaes(p, s["popsize"], s["sigma"], 1),
                   lambda: lambda: common.hw_cmaes(p, s["popsize"], s["sigma"], 1)),
     }
     target = {"cg": "ift", "neumann": "ift", "fixedpoint": "ift", "exact": "ift", "forward": "loop", "unroll": "loop",
               "unroll truncate": "trunc", "unroll checkpoint": "loop", "onestep": "onestep", "cmaes": "none"}
+    target["nystrom"] = "nystrom"  # the same Nyström solve (same K, ρ, δ) at the float64 K-step iterate
+    target["f2sa"] = "f2sa"
+    target["soba"] = "soba"  # the same SOBA computation (warm start, v = 0, ρ = alpha) in float64
+    target["bome"] = "bome"  # the same BOME step from p.inner in float64
     peers = {
         "cg": [Method("torchopt custom_root CG", "cg", "torchopt", "ift",
                       lambda: pa.torchopt_implicit(p, "cg", maxiter=it, rtol=0.0, ridge=d))]
@@ -128,6 +147,8 @@ def methods(p: Problem, s: dict, warm: dict, *, extra_paths: tuple[str, ...] = (
             continue
         spec = ours_spec(family, s)
         w = warm if family == "onestep" else None
+        w = warm if family == "f2sa" else w
+        w = warm if family == "soba" else w
         for path in ("", *extra_paths):
             rows.append(Method(_ours_label(family, path), family, "ours", target[family],
                                (lambda spec=spec, w=w, path=path: pa.ours(p, spec, warm=w, path=path or None)),

@@ -19,8 +19,11 @@ every implicit method gets, set by :func:`references`), and the data layout. Pro
 Exact values (float64): ``ift`` is the implicit hypergradient at the K-step iterate (the closed form for ridge,
 which assumes the inner problem solved; a dense Hessian solve at the float64 K-step iterate otherwise);
 ``loop`` is the exact derivative of the K-step loop (torch.func through the float64 loop), the value of
-unrolled and forward methods; ``trunc`` that of the truncated unroll; ``onestep`` the one-step lookahead
-derivative from the warm start.
+unrolled and forward methods; ``nystrom`` the same rank-k Nyström solve (same index set, ρ and δ) at the float64
+K-step iterate; ``trunc`` that of the truncated unroll; ``onestep`` the one-step lookahead
+derivative from the warm start; ``f2sa`` the same F2SA computation (fixed λ, steps on y and z from the warm
+start) in float64. ``soba`` the same SOBA computation (steps on θ and v from the warm start, v = 0) in float64.
+``bome`` the φ-part of the same BOME step (K inner steps from p.inner, η = common.BOME_ETA) in float64.
 """
 from __future__ import annotations
 
@@ -37,9 +40,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 from common import Problem, hw_onestep, hw_run, hw_unroll  # noqa: E402
+from common import F2SA_LAMBDA, F2SA_STEPS, hw_f2sa  # noqa: E402
 
 TRUNCATE = 10
 """Steps differentiated by the truncated unroll (all methods of the ``unroll truncate`` family)."""
+
+NYSTROM_RANK = 20
+"""Hessian columns sampled by the ``nystrom`` family (every implementation: the same seeded index set)."""
 
 DAMPING = 0.05
 """Tikhonov damping δ of every implicit method on the nonconvex problems (mlp, cnn): the float64 inner Hessian
@@ -243,16 +250,23 @@ def references(p: Problem, with_loop: bool = True) -> dict:
     refs = {"ift": ift, "warm": warm32, "lambda_min": float(ev[0]), "lambda_max": float(ev[-1]),
             "damping": float(p.extra.get("damping", 0.0)),
             "cg_iters": int(p.extra.get("cg_iters") or max(5, _cg_iterations(H, b)))}
+    s = solver_settings(refs)  # the nystrom target: the same Nyström solve in float64 (same K, ρ and δ)
+    refs["nystrom"] = common.hw_implicit(p64, "nystrom", rank=s["rank"], rho=s["rho"], damping=refs["damping"])
     if with_loop:
         warm64 = {k: v.double() for k, v in warm32.items()}
         refs.update(loop=hw_unroll(p64), trunc=hw_unroll(p64, TRUNCATE), onestep=hw_onestep(p64, warm64))
+        refs["f2sa"] = hw_f2sa(p64, warm64, F2SA_LAMBDA, F2SA_STEPS)  # the same F2SA computation in float64
+        refs["soba"] = common.hw_soba(p64, warm64, v_lr=s["alpha"])  # the same SOBA computation in float64
+        refs["bome"] = common.hw_bome(p64, p64.inner)  # the same BOME step from p.inner in float64
     return refs
 
 
 def solver_settings(refs: dict) -> dict:
-    """The iteration settings every implementation of a solver family shares (JSON-serialisable)."""
+    """The iteration settings every implementation of a solver family shares (JSON-serialisable); nystrom: rank
+    :data:`NYSTROM_RANK` and ridge ρ = 0.01 λ_max(H) (on top of the damping δ)."""
     lam_max = refs["lambda_max"] + refs["damping"]
     return {"cg_iters": refs["cg_iters"], "damping": refs["damping"], "alpha": float(f"{1.0 / lam_max:.4g}"),
+            "rank": NYSTROM_RANK, "rho": float(f"{0.01 * refs['lambda_max']:.3g}"),
             "terms": 50,
             "fp_iters": 50, "truncate": TRUNCATE, "chunk": 32, "popsize": 8, "sigma": 0.1}
 

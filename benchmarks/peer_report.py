@@ -323,7 +323,7 @@ def command_line(args) -> str:
     parts = ["python benchmarks/peers.py"]
     if args.mode != "full":
         parts.append(f"--{args.mode}")
-    if args.parts != "sizes,hyperclean,T,dim,zero" and args.mode != "tiny":
+    if args.parts != "sizes,hyperclean,T,dim,zero,boat" and args.mode != "tiny":
         parts.append(f"--parts {args.parts}")
     if args.path != "auto":
         parts.append(f"--path {args.path}")
@@ -331,6 +331,8 @@ def command_line(args) -> str:
         parts.append(f"--jax-python {args.jax_python}")
     if args.betty_path:
         parts.append(f"--betty-path {args.betty_path}")
+    if getattr(args, "boat_path", None):
+        parts.append(f"--boat-path {args.boat_path}")
     if args.rounds != 5 and args.mode != "tiny":
         parts.append(f"--rounds {args.rounds}")
     if args.cpu_asked is not None:

@@ -20,9 +20,10 @@ and the plots beside it (``*_accuracy_time.png``, ``*_curves_T.png``, ``*_curves
 numbers as JSON (``peers.json``); the side-by-side ratio tables and the target lines are also printed.
 
 Without ``--jax-python`` (or with an interpreter that cannot import jax and jaxopt) the JAX rows are skipped and
-the reason is printed; without betty its rows are skipped likewise. ``--path`` picks the library's autodiff path
-(``bilevel.autodiff_path``: auto, autograd, func, and whatever the library adds); a comma list runs ours on each,
-the first one being the path of the targets.
+the reason is printed; without betty its rows are skipped likewise. BOAT (``--boat-path``, part ``boat``:
+benchmarks/peer_boat.py) adds a section for the first-order solvers bome and f2sa; without it the section says
+why. ``--path`` picks the library's autodiff path (``bilevel.autodiff_path``: auto, autograd, func, and whatever
+the library adds); a comma list runs ours on each, the first one being the path of the targets.
 
 Parts (``--parts``, default all):
 - ``sizes``: ridge d = 1000 with its closed form (K = 100), the 64-32-10 MLP on digits (K = 200 heavy-ball steps),
@@ -268,13 +269,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "penalty groups, one call per method, no memory, no curves")
     parser.add_argument("--out", default=None, help="Markdown report (JSON and plots beside it); default "
                         "benchmarks/results/peers.md (peers_quick.md with --quick)")
-    parser.add_argument("--parts", default="sizes,hyperclean,T,dim,zero", help="comma list of: sizes, hyperclean, T, "
-                        "dim, zero")
+    parser.add_argument("--parts", default="sizes,hyperclean,T,dim,zero,boat", help="comma list of: sizes, hyperclean, "
+                        "T, dim, zero, boat")
     parser.add_argument("--path", default="auto", help="bilevel.autodiff_path for ours; a comma list runs ours on "
                         "each (the first one for the targets)")
     parser.add_argument("--jax-python", default=os.environ.get("JAX_PYTHON"), help="interpreter of the JAX "
                         "environment (default: $JAX_PYTHON); JAX rows are skipped without it")
     parser.add_argument("--betty-path", default=None, help="folder holding the betty package (pip --target)")
+    parser.add_argument("--boat-path", default=None, help="folder holding the boat_torch package (pip --target, "
+                        "--no-deps); adds the BOAT section (part boat, benchmarks/peer_boat.py)")
     parser.add_argument("--cpu", type=int, default=None, help="core to pin the benchmark and its subprocesses to "
                         "(default: the first core this process may use; -1: no pinning)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per method (the median of these; the "
@@ -314,6 +317,13 @@ def setup_paths(args: argparse.Namespace) -> None:
         sys.path.insert(0, os.path.abspath(args.betty_path))
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(args.betty_path),
                                                                   os.environ.get("PYTHONPATH")]))
+    if args.boat_path:  # like betty: a folder on the path of this process and of its subprocesses
+        if not os.path.isdir(args.boat_path):
+            raise SystemExit(f"--boat-path {args.boat_path!r} is not a folder; install boat-torch there (the pip line "
+                             "in benchmarks/peer_boat.py), or leave the option out")
+        sys.path.insert(0, os.path.abspath(args.boat_path))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(args.boat_path),
+                                                                  os.environ.get("PYTHONPATH")]))
     allowed = sorted(os.sched_getaffinity(0))
     args.cpu_asked = args.cpu
     args.cpu = allowed[0] if args.cpu is None else args.cpu
@@ -325,6 +335,8 @@ def setup_paths(args: argparse.Namespace) -> None:
     args.cpu = args.cpu if args.cpu >= 0 else None
     args.betty_reason = betty_available()
     args.jax_reason = jax_peers.jax_unavailable(args.jax_python)
+    import peer_boat
+    args.boat_reason = peer_boat.unavailable(args.boat_path)
 
 
 def main(argv=None) -> None:
@@ -337,10 +349,10 @@ def main(argv=None) -> None:
     setup_paths(args)
     started = time.perf_counter()
     parts = set(filter(None, args.parts.split(",")))
-    unknown = parts - {"sizes", "hyperclean", "T", "dim", "zero"}
+    unknown = parts - {"sizes", "hyperclean", "T", "dim", "zero", "boat"}
     if unknown:
-        raise SystemExit(f"--parts: unknown part(s) {sorted(unknown)}; choose from sizes, hyperclean, T, dim, zero")
-    for reason in (args.betty_reason, args.jax_reason):
+        raise SystemExit(f"--parts: unknown part(s) {sorted(unknown)}; choose from sizes, hyperclean, T, dim, zero, boat")
+    for reason in (args.betty_reason, args.jax_reason, args.boat_reason if "boat" in parts else None):
         if reason:
             print(f"[peers] skipping rows: {reason}", flush=True)
     summaries, records = [], []
@@ -353,8 +365,20 @@ def main(argv=None) -> None:
     if "zero" in parts and args.mode != "tiny":
         import peer_zero_order
         zero_text, zero_recs = peer_zero_order.zero_order(args.mode == "quick")
+    boat_text = ""
+    if "boat" in parts and args.mode != "tiny":  # BOAT beside our first-order solvers (benchmarks/peer_boat.py)
+        import peer_boat
+        print("[peers] boat ...", flush=True)
+        boat_text = (f"BOAT rows absent: {args.boat_reason}." if args.boat_reason else
+                     peer_boat.run(problem_spec(instances(args.mode, {"sizes"})[0]), args.mode, max(args.rounds, 1),
+                                   interleaved_rounds))
     report = peer_report.write(args, summaries, records, zero_text, zero_recs, time.perf_counter() - started)
     print(report["stdout"])
+    if boat_text:
+        boat_text = "\n## BOAT: first-order solvers (bome, f2sa)\n\n" + boat_text + "\n"
+        with open(args.out, "a") as f:
+            f.write(boat_text)
+        print(boat_text)
 
 
 if __name__ == "__main__":

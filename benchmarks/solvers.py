@@ -13,9 +13,14 @@ Problems (benchmarks/common.py):
 Each solver is compared with the exact value of what it computes (its "target"), in float64:
 - implicit solvers (cg, neumann, fixedpoint, exact): the IFT hypergradient at the inner solution (ridge:
   closed form; MLP: dense Hessian solve at the float64 K-step iterate);
+- nystrom: the same rank-k Nyström solve (same index set and ridge ρ) at the float64 K-step iterate: a
+  sketch of H by design, so its cosine with the IFT hypergradient says how good a descent direction it is;
 - unroll / checkpointed unroll / forward: the exact derivative of the K-step loop (float64 reverse mode);
   truncated unroll: the exact derivative of its truncated computation;
 - onestep: the exact one-step lookahead derivative from the same warm start;
+- f2sa: the same F2SA computation (fixed λ, steps on y and z from the same warm start) in float64;
+- soba: the same SOBA / AmIGO computation (steps on θ and on v from the same warm start, v = 0) in float64;
+- bome: the φ-part of the same BOME step (K inner steps from p.inner, η = common.BOME_ETA) in float64;
 - cmaes: none (a pseudo-gradient of one generation): only its cosine with the IFT hypergradient.
 ``cos vs IFT`` gives every method's cosine with the IFT hypergradient (how good a descent direction it is).
 
@@ -44,6 +49,13 @@ from common import (cosine, digits_mlp, hw_checkpoint, hw_cmaes, hw_forward, hw_
                     hw_run, hw_unroll, md_table, rel_error, ridge, ridge_exact)
 
 TRUNCATE = 20
+NYSTROM_RANK = 20
+
+
+def nystrom_rho(lam_max: float) -> float:
+    """The Nyström ridge ρ = 0.01 λ_max(H) at θ_K, rounded (the spec and the float64 target use the same)."""
+    return float(f"{0.01 * lam_max:.3g}")
+F2SA_LAMBDA, F2SA_STEPS = common.F2SA_LAMBDA, common.F2SA_STEPS  # f2sa at a fixed λ from the warm start
 
 
 def build_problem(key: str, quick):
@@ -93,7 +105,9 @@ def references(p, key: str, full: bool = True) -> dict:
         m = mixed(x)[0]
         ift = {k: gp[k] - m[k] for k in gp}
     warm64 = {k: v.double() for k, v in warm32.items()}
-    return {"ift": ift, "loop": hw_unroll(p64), "trunc": hw_unroll(p64, TRUNCATE),
+    nystrom = hw_implicit(p64, "nystrom", rank=NYSTROM_RANK, rho=nystrom_rho(float(ev[-1])))
+    return {"ift": ift, "nystrom": nystrom, "loop": hw_unroll(p64), "trunc": hw_unroll(p64, TRUNCATE),
+            "bome": common.hw_bome(p64, p64.inner),  # the same BOME step from p.inner in float64
             "onestep": hw_onestep(p64, warm64), "warm": warm32,
             "lambda_min": float(ev[0]), "lambda_max": float(ev[-1])}
 
@@ -106,6 +120,7 @@ def methods(p, lam_max: float, lam_min: float, key: str, quick: bool):
     chunk = 250 if key == "ridge" else 32
     rtol = 1e-6
     cg_max = 200 if key == "ridge" else 100
+    rho = nystrom_rho(lam_max)
     return [
         ("cg", f"cg:maxiter={cg_max},rtol={rtol}", lambda: hw_implicit(p, "cg", maxiter=cg_max, rtol=rtol), "ift"),
         ("neumann", f"neumann:alpha={alpha},terms={terms}", lambda: hw_implicit(p, "neumann", alpha=alpha, terms=terms),
@@ -113,11 +128,17 @@ def methods(p, lam_max: float, lam_min: float, key: str, quick: bool):
         ("fixedpoint", f"fixedpoint:alpha={alpha},maxiter=300,rtol={rtol}",
          lambda: hw_implicit(p, "fixedpoint", alpha=alpha, maxiter=300, rtol=rtol), "ift"),
         ("exact", "exact", lambda: hw_implicit(p, "exact"), "ift"),
+        ("nystrom", f"nystrom:rank={NYSTROM_RANK},rho={rho}",
+         lambda: hw_implicit(p, "nystrom", rank=NYSTROM_RANK, rho=rho), "nystrom"),
         ("forward", f"forward:chunk_size={chunk}", lambda: hw_forward(p, chunk), "loop"),
         ("unroll", "unroll", lambda: hw_unroll(p), "loop"),
         ("unroll (truncated)", f"unroll:truncate={TRUNCATE}", lambda: hw_unroll(p, TRUNCATE), "trunc"),
         ("unroll (checkpointed)", "unroll:checkpoint=true", lambda: hw_checkpoint(p), "loop"),
         ("onestep", "onestep", None, "onestep"),  # hand-written fn needs the warm start: set in run_method
+        ("f2sa", f"f2sa:steps={F2SA_STEPS},lambda0={F2SA_LAMBDA},lambda_power=0,lambda_max={F2SA_LAMBDA}", None,
+         "f2sa"),
+        ("soba", f"soba:inner_steps={common.SOBA_INNER},v_steps={common.SOBA_V},v_lr={p.lr}", None, "soba"),
+        ("bome", f"bome:eta={common.BOME_ETA}", lambda: common.hw_bome(p, p.inner), "bome"),  # from p.inner
         ("cmaes", "cmaes:popsize=8,sigma=0.1,seed=1", lambda: hw_cmaes(p, 8, 0.1, 1), "none"),
     ]
 
@@ -141,6 +162,15 @@ def method_fns(p, refs, key, quick, name):
             if name == "onestep":
                 hw = lambda: hw_onestep(p, refs["warm"])
                 return spec, ours_fn(p, spec, refs["warm"]), hw, target
+            if name == "f2sa":  # from the warm start too; its target is the same computation in float64
+                warm64 = {k: v.double() for k, v in refs["warm"].items()}
+                refs.setdefault("f2sa", common.hw_f2sa(p.to(torch.float64), warm64, F2SA_LAMBDA, F2SA_STEPS))
+                hw = lambda: common.hw_f2sa(p, refs["warm"], F2SA_LAMBDA, F2SA_STEPS)  # noqa: E731
+                return spec, ours_fn(p, spec, refs["warm"]), hw, target
+            if name == "soba":  # from the warm start too; its target is the same computation in float64
+                warm64 = {k: v.double() for k, v in refs["warm"].items()}
+                refs.setdefault("soba", common.hw_soba(p.to(torch.float64), warm64))
+                return spec, ours_fn(p, spec, refs["warm"]), lambda: common.hw_soba(p, refs["warm"]), target
             return spec, ours_fn(p, spec), hw, target
     raise KeyError(name)
 
@@ -250,7 +280,9 @@ def main() -> None:
         f"({elapsed:.0f} s). Machine: {common.machine_line()}.",
         "",
         "Targets (float64): `ift` = the implicit-function-theorem hypergradient at the inner solution "
-        "(ridge: closed form; MLP: dense Hessian solve at the K-step iterate); `loop` = the exact derivative "
+        "(ridge: closed form; MLP: dense Hessian solve at the K-step iterate); `nystrom` = the same rank-"
+        f"{NYSTROM_RANK} Nyström solve (same index set, ρ = 0.01 λ_max) at the float64 K-step iterate; "
+        "`loop` = the exact derivative "
         "of the K-step inner loop; `trunc` = the exact derivative of the truncated computation (last "
         f"{TRUNCATE} steps); `onestep` = the exact one-step lookahead derivative from the same warm start "
         "(the K-step iterate); `none` = CMA-ES's pseudo-gradient (m_old − m_new of one generation) has no "

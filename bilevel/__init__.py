@@ -17,7 +17,7 @@ from .compare import CompareError, CompareReport, compare, compare_problem, spli
 from .errors import (BilevelError, ConvergenceWarning, DivergenceError, IndefiniteHessianError, NeumannDivergenceError,
                      NonFiniteError, SpecError, StationarityWarning, StructureError, ZeroHypergradientWarning)
 from .inner import InnerLoop
-from .linsolve import CG, Exact, FixedPoint, LinearSolveInfo, Neumann
+from .linsolve import CG, Exact, FixedPoint, LinearSolveInfo, Neumann, Nystrom
 from .outer import OuterLoop, make_outer_optimizer, run_locally
 from .paths import AutodiffPathError, autodiff_path
 from .solvers import (CMAES, SOLVERS, Forward, Implicit, OneStep, Unroll, describe_options, make_solver,
@@ -35,7 +35,7 @@ __all__ = [
     "compare", "compare_problem", "CompareReport", "CompareError", "split_solver_list",
     "SOLVERS", "make_solver", "solver_options", "describe_options", "solver_kind", "normalize_spec",
     "Implicit", "Forward", "Unroll", "OneStep", "CMAES",
-    "CG", "Neumann", "FixedPoint", "Exact", "LinearSolveInfo",
+    "CG", "Neumann", "FixedPoint", "Exact", "Nystrom", "LinearSolveInfo",
     "Nested", "SingleLevel", "SubProblem", "StepInfo", "Declaration",
     "OuterLoop", "run_locally", "make_outer_optimizer", "RunContext", "local_context",
     "combine_gradients", "conflicts", "Verdict", "verdict_lines", "paired_gap", "PairedGap", "plot_result",

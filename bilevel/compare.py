@@ -42,7 +42,8 @@ from .validate import check_params, validate_problem
 OK, FAILED, NOT_APPLICABLE = "ok", "failed", "not applicable"
 NOTES = {
     "zeroth_order": "zeroth-order: a search direction (old − new CMA-ES mean), not a hypergradient estimate",
-    "online": "one step from the warm start (the instance's inner params), not the converged hypergradient",
+    "online": "one call from the warm start (the instance's inner params): an online estimate that improves as its "
+              "warm start and state are carried across outer steps, not the converged hypergradient",
 }
 CODE_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)  # passed on, not reported in rows
 

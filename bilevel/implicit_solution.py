@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 from torch.utils import _pytree as pytree
 
-from . import tree
+from . import linsolve, tree
 from .autodiff import _forward_ad_missing, hvp_operator
 from .inner import InnerLoop
 from .solvers import Implicit
@@ -92,7 +92,7 @@ def _hessian_solve(plan: SolutionPlan, theta: Params, phi: Params, batch: Batch,
     """(H + δI)⁻¹ rhs at (θ*, φ) with the solver's linear solver, HVP mode and damping (absolute or relative)."""
     hessian = hvp_operator(lambda t: plan.problem.inner(t, phi, batch), theta, plan.solver.hvp)
     linear, delta, _, _ = plan.solver._damped(hessian, rhs)
-    matvec = hessian if not delta else (lambda v: tree.axpy(delta, v, hessian(v)))
+    matvec = hessian if not delta else linsolve.Damped(hessian, delta)  # Nystrom keeps δ out of its sketch
     with warnings.catch_warnings():
         # Under torch.func.vjp (and create_graph) the right-hand side requires grad; the solvers read its norm
         # on the host only to stop, which is what torch warns about. The solve itself stays differentiable.

@@ -7,7 +7,8 @@ ordinary torch code: ``loss(solve(...)).backward()``, ``torch.func.grad``, ``vjp
 ``jacfwd`` and ``vmap``. Its derivative is the solver's (jaxopt's ``custom_root``, optimistix's
 ``root_find(..., adjoint=ImplicitAdjoint())``, torchopt's ``custom_root``, which breaks under torch.func):
 
-- implicit solvers (``cg``, ``neumann``, ``fixedpoint``, ``exact``, or an :class:`~bilevel.solvers.Implicit`):
+- implicit solvers (``cg``, ``neumann``, ``fixedpoint``, ``exact``, ``nystrom``, or an
+  :class:`~bilevel.solvers.Implicit`):
   dθ*/dφ = −(H + δI)⁻¹ ∂²G/∂θ∂φ at (θ_K, φ), H = ∂²G/∂θ², δ = ``damping``; a vjp costs one linear solve
   and one mixed vjp, a jvp one mixed jvp and one solve (:mod:`bilevel.implicit_solution`). Memory does not
   grow with the number of inner steps;
@@ -151,8 +152,8 @@ def _refusal(solver: Any) -> str:
     label = name_of(solver) or type(solver).__name__
     kind = solver_kind(label) if label in SOLVERS else None
     if kind == "online":
-        why = ("it is an online one-step lookahead from a warm start, a hypergradient estimate rather than a "
-               "solution of the inner problem")
+        why = ("it is an online solver (a few steps from a warm start, its state carried across outer steps), a "
+               "hypergradient estimate rather than a solution of the inner problem")
     elif kind == "zeroth_order":
         why = "it is a zeroth-order search over φ that never differentiates the inner solution"
     else:

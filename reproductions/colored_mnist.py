@@ -115,14 +115,14 @@ def selections(trace: list[dict]) -> dict:
             "test_domain": {"step": by_test["step"], "test_acc": by_test["test_in_acc"]}}
 
 
-def timing(algorithms, hidden, probes, rounds=3, steps=20):
+def timing(algorithms, hidden, probes, rounds=3, steps=20, data=None):
     """Seconds per step (median over interleaved rounds, so that load from other processes hits every
     algorithm alike) at the given width; gradients taken after the penalty is switched on (step >= 190),
     all at the initial params (``OuterLoop.gradient``: the step without the optimiser update)."""
     import statistics as st
     loops = {}
     for alg in algorithms:
-        task, ctx = build(alg, dict(hidden=hidden, probes=probes), seed=1)
+        task, ctx = build(alg, dict(hidden=hidden, probes=probes, **(data or {})), seed=1)
         loops[alg] = bilevel.OuterLoop(task.declaration(), None, ctx)
     times = {alg: [] for alg in algorithms}
     for _ in range(rounds):
@@ -175,8 +175,11 @@ def main(argv=None):
     torch.set_num_threads(1)
     if args.timing_only:
         algs = [a for a in args.algorithms.split(",") if a]
-        t = timing(algs, args.hidden or 390, args.probes)
-        lines = [f"# Colored MNIST: seconds per training step (Table 5), hidden {args.hidden or 390}, "
+        data = {"dataset": args.dataset}
+        if args.dataset == "colored_fashion_mnist":
+            data.update(per_env=args.per_env or 7500, holdout=0.2 if args.holdout is None else args.holdout)
+        t = timing(algs, args.hidden or 390, args.probes, data=data)
+        lines = [f"# {args.dataset.replace('_', ' ')}: seconds per training step (Table 5), hidden {args.hidden or 390}, "
                  f"{args.probes} Hutchinson probes, full batch, 1 thread", "",
                  f"`python reproductions/colored_mnist.py {' '.join(sys.argv[1:])}` (median of 3 interleaved rounds "
                  "of 20 steps after annealing)", "",
@@ -185,7 +188,7 @@ def main(argv=None):
             lines.append(f"| {a} | {1000 * t[a]:.0f} | {t[a] / t['erm']:.2f} | {PAPER_T5.get(a, '–')} | "
                          f"{PAPER_T5[a] / PAPER_T5['erm']:.2f} |" if a in PAPER_T5 else f"| {a} | {1000 * t[a]:.0f} | – | – | – |")
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "colored_mnist_timing.md").write_text("\n".join(lines) + "\n")
+        (Path(args.out) / f"{args.dataset}_timing.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return
     if args.merge:

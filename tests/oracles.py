@@ -49,11 +49,13 @@ def ridge_solution(outer, inner_batch):
     return {"w": torch.linalg.solve(H, X.T @ y / n)}, H
 
 
-def ridge_hypergrad(outer, inner_batch, outer_batch):
-    """Closed-form dF/dλ at w*(λ)."""
+def ridge_hypergrad(outer, inner_batch, outer_batch, ridge: float = 0.0):
+    """Closed-form dF/dλ at w*(λ); with ``ridge`` ρ > 0, (H + ρI)⁻¹ in place of H⁻¹ (what damping δ, or a
+    Nyström solve at full rank with ridge ρ, computes at the same w*)."""
     w, H = ridge_solution(outer, inner_batch)
     Xv, yv = outer_batch
     g_w = Xv.T @ (Xv @ w["w"] - yv) / Xv.shape[0]
+    H = H + ridge * torch.eye(H.shape[0], dtype=H.dtype)
     return {"log_lambda": -torch.exp(outer["log_lambda"]) * w["w"] * torch.linalg.solve(H, g_w)}
 
 
@@ -88,9 +90,11 @@ def quadratic(p: int = 6, q: int = 3, dtype=torch.float64, seed: int = 1):
     return problem, inner, outer, consts
 
 
-def quadratic_hypergrad(outer, c):
+def quadratic_hypergrad(outer, c, ridge: float = 0.0):
+    """Closed-form dF/dφ at θ*(φ); with ``ridge`` ρ > 0, (A + ρI)⁻¹ in place of A⁻¹ in the solve (θ* unchanged)."""
     th = torch.linalg.solve(c["A"], c["b"] - c["B"] @ outer["phi"])
-    return {"phi": -c["B"].T @ torch.linalg.solve(c["A"], th - c["t"]) + c["C"] @ outer["phi"]}
+    A = c["A"] + ridge * torch.eye(c["A"].shape[0], dtype=c["A"].dtype)
+    return {"phi": -c["B"].T @ torch.linalg.solve(A, th - c["t"]) + c["C"] @ outer["phi"]}
 
 
 def quadratic_unrolled_hypergrad(outer, inner, c, steps: int, lr: float):

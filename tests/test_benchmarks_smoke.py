@@ -128,3 +128,49 @@ def test_jax_custom_root_runs_exactly_the_given_cg_iterations():
     fewer = common.hw_implicit(problem, "cg", maxiter=settings["cg_iters"] - 1, rtol=0.0)
     assert common.rel_error(got, cg) < 1e-12
     assert common.rel_error(got, fewer) > 1e-8
+
+
+def test_boat_section_without_boat_and_its_float64_twin(tmp_path):
+    """Without ``--boat-path`` the peer benchmark's BOAT part runs and says why its rows are absent; the float64 twin
+    of BOAT's VFO formula (benchmarks/peer_boat.py) is ours ``bome`` with ``control=value`` and a momentum-0.5 loop."""
+    import dataclasses
+    sys.path.insert(0, BENCHMARKS)
+    import peer_adapters
+    import peer_boat
+    import peer_problems
+    out = tmp_path / "peers.md"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "peers.py"), "--quick", "--parts", "boat",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BOAT rows absent: no --boat-path given" in out.read_text()
+    p = dataclasses.replace(peer_problems.ridge(d=30, groups=5, steps=50, dtype=torch.float64), momentum=0.5)
+    got = peer_adapters.as_dict(peer_adapters.ours(p, f"bome:eta={peer_boat.BOAT_ETA},control=value")())
+    want = peer_boat.hw_bome(p, p.inner, peer_boat.BOAT_ETA)
+    assert float(_tree_norm(want)) > 0  # the barrier is active at the cold start (else both are ∇φF = 0)
+    assert float(_tree_norm({k: got[k] - want[k] for k in want})) <= 1e-10 * float(_tree_norm(want))
+
+
+def _tree_norm(d):
+    return torch.sqrt(sum((v.double() ** 2).sum() for v in d.values()))
+
+
+def test_boat_rows_agree_with_their_float64_twins():
+    """With BOAT importable (``BOAT_PATH``: the folder holding boat_torch): VFO's d_φ equals ours bome's and the float64
+    twin's, PGDO's direction its float64 twin's, from the same (φ, θ) in float32."""
+    path = os.environ.get("BOAT_PATH")
+    if not path:
+        pytest.skip("set BOAT_PATH to a folder holding boat_torch (pip install --target DIR --no-deps boat-torch==1.1.1) "
+                    "to check the BOAT rows of the peer benchmark")
+    sys.path.insert(0, BENCHMARKS)
+    sys.path.insert(0, path)
+    import peer_boat
+    import peer_problems
+    reason = peer_boat.unavailable(path)
+    if reason:
+        pytest.skip(reason)
+    rows = peer_boat.per_call(peer_problems.ridge(d=30, groups=5, steps=50), 0, None)
+    for label, *_, error, diff in rows:
+        assert float(error) < 1e-5, (label, error)
+        if diff != "—":
+            assert float(diff) < 1e-5, (label, diff)

@@ -678,7 +678,11 @@ def test_onestep_reuses_its_step_gradient_for_the_start_norm_only_outside_autoca
 # ---- registry -----------------------------------------------------------------------------------------------------
 
 KIND_OF = {"cg": "implicit", "neumann": "implicit", "fixedpoint": "implicit", "exact": "implicit",
-           "forward": "unrolled", "unroll": "unrolled", "onestep": "online", "cmaes": "zeroth_order"}
+           "nystrom": "implicit",
+           "forward": "unrolled", "unroll": "unrolled", "onestep": "online", "cmaes": "zeroth_order",
+           "soba": "online",
+           "bome": "online",
+           "f2sa": "online"}  # registration order: a solver registered before f2sa goes above this line
 
 
 def test_every_registered_name_has_its_kind_and_round_trips():

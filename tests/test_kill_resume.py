@@ -87,6 +87,9 @@ SOLVERS = {
     "forward": Solver("forward", ("inner_steps=20",), keeps=("inner",)),
     "onestep": Solver("onestep", keeps=("inner",)),  # plain SGD inside: its optimiser state is empty
     "onestep-momentum": Solver("onestep", ("inner_optimizer=momentum",)),
+    "soba": Solver("soba"),  # keeps θ (inner), and v with the inner optimiser state as its state
+    "bome": Solver("bome", keeps=("inner",)),  # θ is the warm start; no state (θ_T restarts from θ), SGD outer
+    "f2sa": Solver("f2sa"),  # keeps z (inner) and y, both optimiser states and the call count (λ_k) as state
 }
 
 
@@ -133,6 +136,7 @@ class Case:
 # every 2-process case against a 2-process reference with per-process streams.
 CI_CASES = [Case("cg", 1), Case("cmaes", 1, drop_newest=True), Case("onestep", 1),
             Case("cg", 2, ("process_streams=false",), reference_processes=1)]
+CI_CASES += [Case("soba", 1)]  # its warm-started v lives only in the solver state: a resume must restore it
 SLOW_CASES = ([Case(name, n) for n in (1, 2) for name in SOLVERS if Case(name, n) not in CI_CASES]
               + [Case("cg", 1, drop_newest=True), Case("cg", 2, drop_newest=True), Case("cmaes", 2, drop_newest=True),
                  Case("cmaes", 1, ("subproblems=1",)), Case("cmaes", 2, ("subproblems=1",)),

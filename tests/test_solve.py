@@ -268,13 +268,16 @@ def _untouchable_problem():
 
 
 @pytest.mark.parametrize("spec, what", [
-    ("onestep", "online one-step lookahead"),
+    ("onestep", "online solver"),
+    ("f2sa", "online solver"),
+    ("soba", "online solver"),
     ("cmaes", "zeroth-order search"),
 ])
 def test_solvers_without_a_solution_are_refused_before_any_work(setup, spec, what):
     _, inner, outer, ib, _, _, _ = setup
     with pytest.raises(SpecError, match=rf"no differentiable solution θ\*\(φ\) for solver '{spec}'.*{what}.*"
-                                        r"Supported solvers: cg, neumann, fixedpoint, exact, forward, unroll.*"
+                                        r"Supported solvers: cg, neumann, fixedpoint, exact, nystrom, "
+                                        r"forward, unroll.*"
                                         rf"bilevel.hypergrad\(\.\.\., solver='{spec}'\)"):
         solve(_untouchable_problem(), inner, outer, inner_batch=ib, solver=spec)
 

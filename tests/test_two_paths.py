@@ -107,11 +107,20 @@ def quadratic_exact(name, config, loop, inner, outer, c):
         return cmaes_by_hand(config.spec, loop, inner, outer, c), 1e-12
     if name.startswith("unroll:truncate"):
         return truncated_unrolled_hypergrad(outer, inner, c, loop.steps, loop.lr, int(name.split("=")[1])), 1e-10
+    if name == "bome":  # Algorithm 1's φ-part d_φ = ∇φF + λ∇φq̂, written out (tests/bome_runs.py)
+        from bome_runs import bome_by_hand
+        solver = bilevel.make_solver(config.spec)
+        hand = bome_by_hand(c, inner["theta"], outer["phi"], loop.steps, loop.lr, solver.eta, solver.control,
+                            solver.theta_step)
+        return {"phi": hand["d_phi"]}, 1e-12
     if name == "onestep":  # one SGD step θ' = θ − η∇G: d/dφ F(θ', φ) = −ηBᵀ(θ' − t) + Cφ
         th = inner["theta"] - loop.lr * (c["A"] @ inner["theta"] + c["B"] @ outer["phi"] - c["b"])
         return {"phi": -loop.lr * c["B"].T @ (th - c["t"]) + c["C"] @ outer["phi"]}, 1e-10
     if name.startswith(("unroll", "forward")):  # the exact derivative of the K-step loop, any K
         return quadratic_unrolled_hypergrad(outer, inner, c, loop.steps, loop.lr), 1e-10
+    if kind == "rel_ridged":  # nystrom at rank ≥ dim θ: the IFT with (A + (δ + ρ)I)⁻¹ in place of A⁻¹
+        solver = bilevel.make_solver(config.spec)
+        return quadratic_hypergrad(outer, c, ridge=solver.damping + solver.linsolve.rho), bound
     return quadratic_hypergrad(outer, c), bound  # implicit solvers at the converged loop: the IFT
 
 
@@ -260,6 +269,7 @@ CALLS = {
     "neumann:terms=5": lambda m: (K + 2, K + 3, 1),
     # the dense solve's columns come from a vmapped torch.func linearisation on both paths (see TapeHessian.matmat)
     "exact": lambda m: (K + 3, K + 3, 1),
+    "nystrom:rank=3": lambda m: (K + 3, K + 3, 1),  # its sampled columns: the same batched linearisation as exact's
     # forward-over-reverse keeps no linearisation: one G per product, ∇θG(θ_K), ∇θG(θ_0), the mixed term
     "cg:maxiter=10,hvp=fwdrev": lambda m: (K + m + 3, K + m + 3, 1),
     "unroll": lambda m: (K + 2, K + 2, 1),  # the loop, stationarity at θ_K and θ_0
@@ -269,6 +279,9 @@ CALLS = {
     "onestep": lambda m: (2, 2, 1),  # the step, stationarity at θ' (at θ: the step's own gradient)
     "onestep:mode=finite_difference": lambda m: (4, 4, 1),  # + ∇φG at θ ± εv
     "cmaes:popsize=4": lambda m: (5 * K, 5 * K, 5),  # 4 candidates and the new mean; nothing differentiated
+    # θ_T by the loop, ∇G at θ and at θ_T, ∇F at θ (evaluations = K + 3); η = 2: λ > 0 here (at η = 0.5 λ = 0 and
+    # d_φ = ∇φF = 0 on the ridge oracle, whose F does not read φ)
+    "bome:eta=2": lambda m: (K + 2, K + 2, 1),
 }
 
 
@@ -281,7 +294,7 @@ def test_the_tape_path_never_enters_torch_func_and_counts_its_loss_calls(spec):
     witness = Witness()
     loop = bilevel.InnerLoop(steps=K, lr=0.5)
     tape, func = witness.run("autograd", spec, loop), witness.run("func", spec, loop)
-    assert tape[2] is (spec == "exact") and func[2] is True  # exact: its dense columns, by vmap
+    assert tape[2] is (spec in ("exact", "nystrom:rank=3")) and func[2] is True  # exact/nystrom: columns by vmap
     m = int(tape[3].diagnostics["hvp_count"])
     inner_tape, inner_func, outer_calls = CALLS[spec](m)
     assert (tape[0], tape[1]) == (inner_tape, outer_calls), tape[:2]

@@ -5,11 +5,12 @@ At a stationary point ∇_θ G(θ*, φ) = 0 the implicit function theorem gives
     dF/dφ = ∇_φ F − (∂²G/∂φ∂θ)ᵀ (H + δI)⁻¹ ∇_θ F,      H = ∂²G/∂θ²,
 
 all evaluated at (θ*, φ), with δ = 0 the exact IFT. The inner loop approximates θ*; a linear solver from
-:mod:`bilevel.linsolve` (CG, Neumann, fixed point, dense) approximates (H + δI)⁻¹ ∇_θ F with
-Hessian-vector products. ``damping`` δ > 0 is Tikhonov damping (equivalently a proximal term
-½δ‖θ − θ*‖² added to G: same stationary point and mixed term, Hessian H + δI); it makes the solve
-well-posed when H at a trained network is slightly indefinite, at the price of a biased hypergradient
-(bias O(δ/λ_min) on each eigen-direction). ``relative_damping=true`` reads δ as a multiple of the
+:mod:`bilevel.linsolve` (CG, Neumann, fixed point, dense, Nyström) approximates (H + δI)⁻¹ ∇_θ F
+with Hessian-vector products (Nyström: a rank-k sketch of H solved with the ridge δ + ρ, so biased by
+design). ``damping`` δ > 0 is Tikhonov damping (equivalently a proximal term ½δ‖θ − θ*‖² added to G:
+same stationary point and mixed term, Hessian H + δI); it makes the solve well-posed when H at a trained
+network is slightly indefinite, at the price of a biased hypergradient (bias O(δ/λ_min) on each
+eigen-direction). ``relative_damping=true`` reads δ as a multiple of the
 power-iteration estimate of λ_max(H), which makes one setting work across loss scales.
 Cost: the inner loop, one outer gradient, one HVP per matvec of the linear solver (including the one
 that measures the true residual), one mixed vjp (+ ``power_iterations`` HVPs for relative damping or
@@ -31,7 +32,7 @@ ratio exceeds ``stationarity_rtol``: the IFT's premise ∇θG = 0 does not hold 
 θ_0 the ratio is taken against an already small start gradient, so it reads higher than from a fresh start.
 
 References: Pedregosa, arXiv:1602.02355 (CG); Lorraine et al., arXiv:1911.02590 (Neumann); Grazzi et al.,
-arXiv:2006.16218 (fixed point).
+arXiv:2006.16218 (fixed point); Hataya & Yamada, arXiv:2302.09726 (Nyström).
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ POWER_ITERATIONS = 20
 class Implicit:
     """IFT hypergradient with any linear solver: ``Implicit(linsolve=bilevel.CG(maxiter=50))``.
 
-    The registry's ``cg``, ``neumann``, ``fixedpoint`` and ``exact`` build this class with the named
-    linear solver; their spec options are the union of these fields and the linear solver's.
+    The registry's ``cg``, ``neumann``, ``fixedpoint``, ``exact`` and ``nystrom`` build this class with the
+    named linear solver; their spec options are the union of these fields and the linear solver's.
 
     Args:
         linsolve: a :mod:`bilevel.linsolve` solver ``(matvec, b, x0) -> (x, info)`` for (H + δI) x = ∇_θ F.
@@ -94,6 +95,9 @@ class Implicit:
                              "use warm_start=false")
         if not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        check_damping = getattr(self.linsolve, "check_damping", None)  # a solver that needs δ > 0 in some setting
+        if check_damping is not None:
+            check_damping(self.damping)
         if not self.stationarity_rtol >= 0:
             raise ValueError(f"stationarity_rtol must be >= 0 (0 switches the stationarity warning off), "
                              f"got {self.stationarity_rtol}")

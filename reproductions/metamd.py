@@ -146,14 +146,27 @@ def run_one(cfg, mmap, name, hp, phi, seed, x, y, xt, yt, steps):
     return acc if all(map(lambda v: v == v, losses)) else 0.0, losses
 
 
-def digits_holdout(cfg, holdout, meta_steps, seeds, test_steps, log, wds=(1e-3, 5e-4, 1e-4)) -> dict:
+def meta_train_digits(cfg, holdout, meta_steps, meta_seed, log) -> dict:
+    """The map M for ``holdout`` meta-trained with ``unroll`` through the library; ``meta_seed`` draws the
+    meta-training networks (θ_1 per step and rotation), the data split stays ``cfg.data_seed``'s."""
+    t0 = time.perf_counter()
+    declaration = metamd.build(cfg, bilevel.local_context(seed=meta_seed))
+    phi, history, _ = bilevel.run_locally(declaration, meta_steps, "unroll", seed=meta_seed)
+    log(f"    holdout {holdout}, meta-seed {meta_seed}: {meta_steps} meta-steps in {time.perf_counter() - t0:.1f}s, "
+        f"E {history[0]['outer_loss']:.4g} -> {history[-1]['outer_loss']:.4g}, ‖M−I‖² "
+        f"{history[-1]['distance_to_identity_sq']:.3g}")
+    return phi
+
+
+def digits_holdout(cfg, holdout, meta_steps, seeds, test_steps, log, wds=(1e-3, 5e-4, 1e-4),
+                   meta_seeds=(0,)) -> dict:
+    """Meta-train M once per meta-seed, tune every optimiser on a validation split (MetaMD with the first
+    meta-seed's M), then train fresh MLPs on the held-out rotation with each test seed. MetaMD's per-seed
+    accuracy is the mean over meta-seeds of that test seed (``per_seed``), so it pairs with the baselines'."""
     cfg = dataclasses.replace(cfg, holdout=holdout)
     family = metamd.family_of(cfg)  # the data and the mirror map, for meta-testing
-    t0 = time.perf_counter()
-    phi, history, _ = bilevel.run_locally(metamd.build(cfg, bilevel.local_context(seed=0)), meta_steps, "unroll")
-    log(f"    holdout {holdout}: {meta_steps} meta-steps in {time.perf_counter() - t0:.1f}s, E "
-        f"{history[0]['outer_loss']:.4g} -> {history[-1]['outer_loss']:.4g}, ‖M−I‖² "
-        f"{history[-1]['distance_to_identity_sq']:.3g}")
+    phis = [meta_train_digits(cfg, holdout, meta_steps, s, log) for s in meta_seeds]
+    phi = phis[0]
     x, y, xt, yt = family.domains[holdout]
     n_val = len(y) // 4  # tuning split carved from the held-out rotation's training data
     # App. C.3 grids. For SGD and MetaMD 0.5 and 0.2 are added (M ⪰ I can only shrink MetaMD's steps, and
@@ -171,14 +184,20 @@ def digits_holdout(cfg, holdout, meta_steps, seeds, test_steps, log, wds=(1e-3, 
                                  x[:n_val], y[:n_val], test_steps)
                 if acc > best_acc:
                     best, best_acc = {"lr": lr, "wd": wd}, acc
-        accs, curves = [], []
-        for seed in seeds:
-            acc, losses = run_one(cfg, family.mmap, name, best, phi, seed, x, y, xt, yt, test_steps)
-            accs.append(100 * acc)
-            curves.append(losses)
+        accs, curves, by_meta = [], [], []
+        for meta_phi in (phis if name == "metamd" else [phi]):
+            row = []
+            for seed in seeds:
+                acc, losses = run_one(cfg, family.mmap, name, best, meta_phi, seed, x, y, xt, yt, test_steps)
+                row.append(100 * acc)
+                curves.append(losses)
+            by_meta.append(row)
+            accs += row
         acc_t = torch.tensor(accs)
         out[name] = {"setting": best, "acc_mean": float(acc_t.mean()), "acc_std": float(acc_t.std()) if len(accs) > 1 else 0.0,
-                     "curve": torch.tensor(curves).mean(0).tolist()}
+                     "curve": torch.tensor(curves).mean(0).tolist(),
+                     "per_seed": torch.tensor(by_meta).mean(0).tolist(),
+                     "per_meta_seed": torch.tensor(by_meta).mean(1).tolist()}
     log("      " + ", ".join(f"{k} {v['acc_mean']:.2f}±{v['acc_std']:.2f} ({v['setting']})" for k, v in out.items()))
     return out
 
@@ -214,8 +233,9 @@ def write_report(quad: dict, digits: dict, args, elapsed: float) -> None:
             f"{fam}: " + ", ".join(f"{n} {runs[0][n]['setting']}" for n in OPTS) for fam, runs in quad.items()), ""]
     if digits:
         lines += ["## Rotated digits, leave-one-rotation-out: held-out test accuracy (%)",
-                  f"Data: {args.family}. Mean ± std over {len(args.seeds)} meta-test seeds; thesis Table 5.1 (top) "
-                  "values in brackets (Rotated MNIST, 3-layer MLP).", "",
+                  f"Data: {args.family}. Mean ± std over {len(args.seeds)} meta-test seeds (MetaMD: × "
+                  f"{len(args.meta_seed_list)} meta-training seeds), {args.test_steps_used} training steps; thesis "
+                  "Table 5.1 (top) values in brackets (Rotated MNIST, 3-layer MLP).", "",
                   "| held out | MetaMD | SGD | SGD-M | Adam |", "|---|---|---|---|---|"]
         for angle, res in digits.items():
             i = ANGLES.index(angle) if angle in ANGLES else None
@@ -224,7 +244,19 @@ def write_report(quad: dict, digits: dict, args, elapsed: float) -> None:
             lines.append(f"| {angle}° | " + " | ".join(cells) + " |")
         mean = {n: sum(r[n]["acc_mean"] for r in digits.values()) / len(digits) for n in OPTS}
         lines += ["", "Average over held-out rotations: " + ", ".join(f"{n} {v:.2f}" for n, v in mean.items()),
-                  f"MetaMD − SGD-M: {mean['metamd'] - mean['sgd_m']:+.2f} points (thesis: +0.4 to +1.0).", ""]
+                  f"MetaMD − SGD-M: {mean['metamd'] - mean['sgd_m']:+.2f} points (thesis: +0.4 to +1.0).", "",
+                  "Paired over (held-out rotation, test seed), MetaMD's accuracy averaged over its meta-training "
+                  "seeds (paired t-test):", "", "| difference | mean ± std | p | n |", "|---|---|---|---|"]
+        for other in ("sgd", "sgd_m", "adam"):
+            mine = [a for r in digits.values() for a in r["metamd"]["per_seed"]]
+            theirs = [a for r in digits.values() for a in r[other]["per_seed"]]
+            g = bilevel.paired_gap(mine, theirs)
+            lines.append(f"| MetaMD − {other} | {g.mean:+.2f} ± {g.std:.2f} | {g.p_value:.2g} | {g.n} |")
+        if len(args.meta_seed_list) > 1:
+            spread = {a: r["metamd"]["per_meta_seed"] for a, r in digits.items()}
+            lines += ["", "MetaMD per meta-training seed (mean over test seeds): " + "; ".join(
+                f"{a}°: {', '.join(f'{v:.2f}' for v in vals)}" for a, vals in spread.items())]
+        lines.append("")
     (out / f"results{args.tag}.md").write_text("\n".join(lines) + "\n")
     slim = {"quadratic": {f: [{k: (v if k == "diag_M" else {kk: vv for kk, vv in v.items() if kk != "curve"})
                                for k, v in r.items()} for r in runs] for f, runs in quad.items()},
@@ -259,6 +291,10 @@ def main() -> None:
     parser.add_argument("--holdouts", default="", help="comma-separated held-out rotations (default: the mode's)")
     parser.add_argument("--tag", default="", help="suffix of the output files (results<tag>.md ...)")
     parser.add_argument("--out", default=str(OUT), help="output folder (default: docs/results/metamd)")
+    parser.add_argument("--meta-seeds", type=int, default=1, help="digits: meta-training seeds (default 1)")
+    parser.add_argument("--seeds", type=int, default=3, help="digits: meta-test seeds (default 3)")
+    parser.add_argument("--test-steps", type=int, default=None,
+                        help="digits: training steps of every optimiser at meta-test (default: the mode's)")
     args = parser.parse_args()
     import sys
     args.command = " ".join(sys.argv[1:])
@@ -274,7 +310,8 @@ def main() -> None:
         quad[fam] = [quadratic_family(cfg, steps, s, log) for s in seeds]
     digits = {}
     args.family = "digits (sklearn 8×8)" if args.quick else "Rotated MNIST (5,000 real MNIST images)"
-    args.seeds = (0, 1, 2)
+    args.seeds = tuple(range(args.seeds))
+    args.meta_seed_list = tuple(range(args.meta_seeds))
     if not args.skip_digits:
         cache = os.environ.get("METAMD_CACHE") or tempfile.mkdtemp(prefix="metamd_")
         if args.quick:
@@ -284,10 +321,11 @@ def main() -> None:
             cfg = dataclasses.replace(metamd.DIGITS, family="mnist", cache_dir=cache, inner_steps=100, hidden=128)
             holdouts, meta_steps, test_steps, wds = ANGLES, 30, 500, (1e-3, 5e-4, 1e-4)
         holdouts = args.holdouts.split(",") if args.holdouts else holdouts
+        test_steps = args.test_steps_used = args.test_steps or test_steps
         log(f"rotated digits ({args.family}): T = {cfg.inner_steps}, {meta_steps} meta-steps, {test_steps} test steps")
         args.digits_cfg = cfg
         for h in holdouts:
-            digits[h] = digits_holdout(cfg, h, meta_steps, args.seeds, test_steps, log, wds)
+            digits[h] = digits_holdout(cfg, h, meta_steps, args.seeds, test_steps, log, wds, args.meta_seed_list)
     write_report(quad, digits, args, time.perf_counter() - t0)
     log((Path(args.out) / f"results{args.tag}.md").read_text())
 

@@ -520,15 +520,13 @@ F2SA_LAMBDA, F2SA_STEPS = 10.0, 10
 shows in ``cos vs IFT``; the target is the same computation in float64)."""
 
 
-def hw_f2sa(p: Problem, theta: dict, lam: float, steps: int) -> dict:
-    """F2SA from the warm start θ (y = z = θ), torch.func: ``steps`` (heavy-ball) GD steps on z over G and on y over
-    G + F/λ, then ∇φF(y) + λ(∇φG(y) − ∇φG(z)) (bilevel/solvers/f2sa.py)."""
-    phi = {k: v.detach() for k, v in p.outer.items()}
-    g_in, g_out = torch.func.grad(p.inner_loss), torch.func.grad(p.outer_loss)
+def f2sa_iterates(grad_inner, grad_outer, p: Problem, theta: dict, lam: float, steps: int) -> tuple[dict, dict]:
+    """F2SA's y and z after ``steps`` (heavy-ball) GD steps from y = z = θ: z over G, y over G + F/λ.
+    ``grad_inner(t)`` / ``grad_outer(t)`` give ∇θG / ∇θF at t (torch.func or the tape: the two twins)."""
     y, z, vy, vz = dict(theta), dict(theta), None, None
     for _ in range(steps):
-        gz = g_in(z, phi, p.inner_batch)
-        gi, go = g_in(y, phi, p.inner_batch), g_out(y, phi, p.outer_batch)
+        gz = grad_inner(z)
+        gi, go = grad_inner(y), grad_outer(y)
         gy = {k: gi[k] + go[k] / lam for k in y}
         if p.momentum:
             vz = gz if vz is None else {k: p.momentum * vz[k] + gz[k] for k in z}
@@ -536,6 +534,16 @@ def hw_f2sa(p: Problem, theta: dict, lam: float, steps: int) -> dict:
             gz, gy = vz, vy
         z = {k: z[k] - p.lr * gz[k] for k in z}
         y = {k: y[k] - p.lr * gy[k] for k in y}
+    return y, z
+
+
+def hw_f2sa(p: Problem, theta: dict, lam: float, steps: int) -> dict:
+    """F2SA from the warm start θ (y = z = θ), torch.func: ``steps`` (heavy-ball) GD steps on z over G and on y over
+    G + F/λ, then ∇φF(y) + λ(∇φG(y) − ∇φG(z)) (bilevel/solvers/f2sa.py)."""
+    phi = {k: v.detach() for k, v in p.outer.items()}
+    g_in, g_out = torch.func.grad(p.inner_loss), torch.func.grad(p.outer_loss)
+    y, z = f2sa_iterates(lambda t: g_in(t, phi, p.inner_batch), lambda t: g_out(t, phi, p.outer_batch),
+                         p, theta, lam, steps)
     g_phi = torch.func.grad(p.inner_loss, argnums=1)
     gf = torch.func.grad(p.outer_loss, argnums=1)(y, phi, p.outer_batch)
     gy_phi, gz_phi = g_phi(y, phi, p.inner_batch), g_phi(z, phi, p.inner_batch)

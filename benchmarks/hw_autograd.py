@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch.autograd import forward_ad
 
-from common import ITERATIVE, Problem, hw_iterative_solve, nystrom_indices, nystrom_solve
+from common import ITERATIVE, Problem, f2sa_iterates, hw_iterative_solve, nystrom_indices, nystrom_solve
 
 
 def _leaves(d: dict) -> dict:
@@ -246,17 +246,8 @@ def f2sa(p: Problem, warm: dict, lam: float, steps: int) -> dict:
             found = torch.autograd.grad(loss_fn(th, ph, batch), list(leaves.values()), allow_unused=True)
         return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, found)}
 
-    y, z, vy, vz = dict(warm), dict(warm), None, None
-    for _ in range(steps):
-        gz = grads(p.inner_loss, z, p.inner_batch)
-        gi, go = grads(p.inner_loss, y, p.inner_batch), grads(p.outer_loss, y, p.outer_batch)
-        gy = {k: gi[k] + go[k] / lam for k in y}
-        if p.momentum:
-            vz = gz if vz is None else {k: p.momentum * vz[k] + gz[k] for k in z}
-            vy = gy if vy is None else {k: p.momentum * vy[k] + gy[k] for k in y}
-            gz, gy = vz, vy
-        z = {k: z[k] - p.lr * gz[k] for k in z}
-        y = {k: y[k] - p.lr * gy[k] for k in y}
+    y, z = f2sa_iterates(lambda t: grads(p.inner_loss, t, p.inner_batch),
+                         lambda t: grads(p.outer_loss, t, p.outer_batch), p, warm, lam, steps)
     gf = grads(p.outer_loss, y, p.outer_batch, wrt_phi=True)
     gy_phi, gz_phi = grads(p.inner_loss, y, p.inner_batch, True), grads(p.inner_loss, z, p.inner_batch, True)
     return {k: gf[k] + lam * (gy_phi[k] - gz_phi[k]) for k in phi}

@@ -57,10 +57,11 @@ def losses_for(noise_key: str) -> dict:
     return losses
 
 
-def run_noise(noise_key: str, cells, seeds: int, steps: int, log) -> dict:
-    """final[loss][cell][seed], gap[loss][cell][seed] (test accuracy, %)."""
+def run_noise(noise_key: str, cells, seeds: int, steps: int, log, losses: dict | None = None) -> dict:
+    """final[loss][cell][seed], gap[loss][cell][seed] (test accuracy, %); ``losses`` defaults to
+    :func:`losses_for` the noise."""
     noise, rate = NOISES[noise_key]
-    losses = losses_for(noise_key)
+    losses = losses_for(noise_key) if losses is None else losses
     final = {n: [[] for _ in cells] for n in losses}
     gap = {n: [[] for _ in cells] for n in losses}
     for seed in range(seeds):
@@ -73,6 +74,12 @@ def run_noise(noise_key: str, cells, seeds: int, steps: int, log) -> dict:
                 gap[name][c].append(100 * (rec.early_stopped - rec.final))
         log(f"  {noise_key} seed {seed} done")
     return {"final": final, "gap": gap}
+
+
+def select(losses: dict, extra: dict, only: list[str] | None) -> dict:
+    """``losses`` plus ``extra``, restricted to ``only`` (in that order) when given."""
+    losses = {**losses, **extra}
+    return {name: losses[name] for name in only} if only else losses
 
 
 def table(noise_key: str, result: dict, cells) -> list[str]:
@@ -100,6 +107,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="SGD steps per training run")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--tag", default=None, help="output stem (default fashion_baselines[_quick])")
+    parser.add_argument("--add", nargs="+", metavar="NAME=PATH", default=(),
+                        help="more saved Taylor losses to train (e.g. cma1=docs/results/arl/search/dr_s80_cma1.pt)")
+    parser.add_argument("--only", default=None, help="comma-separated losses to keep (after --add), e.g. ce,cma1")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                         help="only rebuild one report from the JSON files of runs split by --noises")
     args = parser.parse_args(argv)
@@ -109,6 +119,16 @@ def main(argv=None) -> None:
     unknown = [n for n in noises if n not in NOISES]
     if unknown:
         raise SystemExit(f"--noises: unknown {', '.join(unknown)}; choose from {', '.join(NOISES)}")
+    extra = {}
+    for item in args.add:
+        name, _, path = item.partition("=")
+        if not name or not Path(path).is_file():
+            raise SystemExit(f"--add: {item!r} must be NAME=PATH of a saved TaylorLoss file")
+        extra[name] = TaylorLoss.load(path)
+    only = args.only.split(",") if args.only else None
+    known = set.intersection(*(set(losses_for(n)) for n in noises)) | set(extra)  # in every noise's set
+    if only and set(only) - known:
+        raise SystemExit(f"--only: unknown {', '.join(sorted(set(only) - known))}; choose from {', '.join(sorted(known))}")
     seeds = args.seeds or (1 if args.quick else 3)
     steps = args.steps or (300 if args.quick else 4000)
     torch.set_num_threads(1)
@@ -116,7 +136,7 @@ def main(argv=None) -> None:
     log = lambda msg: print(msg, flush=True)
     results, lines = {}, []
     for key in noises:
-        results[key] = run_noise(key, CELLS, seeds, steps, log)
+        results[key] = run_noise(key, CELLS, seeds, steps, log, select(losses_for(key), extra, only))
         lines += table(key, results[key], CELLS)
     mode = "quick" if args.quick else "full"
     command = " ".join(["python reproductions/arl_baselines.py", *(argv if argv is not None else sys.argv[1:])])

@@ -165,3 +165,90 @@ def test_arl_baselines_merge_keeps_every_noise(tmp_path, monkeypatch):
         part = (tmp_path / f"{noise}.md").read_text()
         table = part[part.index("### "):]
         assert table.strip() in merged
+
+
+def test_arl_search_popsize_is_pycmas_default():
+    """The search's default population is pycma's own default for the 12 Taylor coefficients."""
+    import cma
+
+    script = _script("arl_search")
+    es = cma.CMAEvolutionStrategy(12 * [0.0], 0.5, {"verbose": -9})
+    assert script.pycma_default_popsize(12) == es.popsize == 11
+
+
+def test_arl_search_controls_are_the_baseline_scripts_runs(tmp_path, monkeypatch):
+    """The search script's cross-entropy and start-loss test numbers are the baseline script's runs (same
+    seeds, same protocol); each saved loss is its search's final CMA-ES mean; different CMA-ES seeds search
+    differently; the paired column of the report is recomputed from the JSON."""
+    import json
+    import statistics
+
+    from bilevel.problems import noisy_training
+    from bilevel.problems.losses.taylor import TaylorLoss
+    from test_data_fashion_mnist import write_folder
+
+    write_folder(tmp_path / "fmnist", 20, 300, compress=False)
+    monkeypatch.setenv("BILEVEL_FASHION_MNIST", str(tmp_path / "fmnist"))
+    noisy_training._images.cache_clear()
+    script = _script("arl_search")
+    baselines = script.arl_baselines
+    monkeypatch.setattr(baselines, "CELLS", [("mlp_wide", "fashion8")])
+    monkeypatch.setattr(baselines.robust, "LOSSES", {"ce": baselines.robust.cross_entropy})  # keep it short
+    try:
+        script.main(["--runs", "dr:A40", "--cma-seeds", "1,2", "--popsize", "3", "--generations", "1",
+                     "--inner-steps", "8", "--noise-repeats", "2", "--eval-seeds", "2", "--eval-steps", "6",
+                     "--out", str(tmp_path / "search")])
+        baselines.main(["--noises", "A40", "--seeds", "2", "--steps", "6", "--out", str(tmp_path / "base")])
+    finally:
+        noisy_training._images.cache_clear()
+    run = json.loads((tmp_path / "search" / "search.json").read_text())["results"]["dr:A40"]
+    base = json.loads((tmp_path / "base" / "fashion_baselines.json").read_text())["results"]["A40"]
+    for name in ("ce", "taylor_start"):
+        assert run["eval"]["A40"]["final"][name] == base["final"][name]
+    thetas = {seed: s["theta"] for seed, s in run["searches"].items()}
+    assert thetas["1"] != thetas["2"]
+    for seed, theta in thetas.items():
+        saved = TaylorLoss.load(tmp_path / "search" / f"dr_a40_cma{seed}.pt").theta
+        assert saved.tolist() == torch.tensor(theta).tolist()
+    text = (tmp_path / "search" / "search.md").read_text()
+    diffs = [a - b for a, b in zip(run["fitness"]["cma1"], run["fitness"]["start"])]
+    assert f"| {statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} |" in text
+
+
+def test_arl_search_refuses_a_bad_run_before_any_work(tmp_path):
+    script = _script("arl_search")
+    with pytest.raises(SystemExit, match="ar\\|dr:S80\\|A40"):
+        script.main(["--runs", "dr:S50", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_arl_baselines_add_and_only(tmp_path, monkeypatch):
+    """``--add`` trains a saved loss file like the loss it holds (the start loss saved and re-added scores as
+    ``taylor_start``, run for run); ``--only`` keeps just the named losses; a bad file or name is refused
+    before anything is written."""
+    import json
+
+    from bilevel.problems import noisy_training
+    from bilevel.problems.losses.taylor import TaylorLoss
+    from test_data_fashion_mnist import write_folder
+
+    write_folder(tmp_path / "fmnist", 20, 300, compress=False)
+    monkeypatch.setenv("BILEVEL_FASHION_MNIST", str(tmp_path / "fmnist"))
+    noisy_training._images.cache_clear()
+    script = _script("arl_baselines")
+    monkeypatch.setattr(script, "CELLS", [("mlp_wide", "fashion8")])
+    start = script.losses_for("S80")["taylor_start"]
+    TaylorLoss(start.theta, start.spec).save(tmp_path / "start.pt")
+    out = tmp_path / "out"
+    for bad in (["--add", f"copy={tmp_path / 'missing.pt'}"], ["--only", "ce,nonsense"]):
+        with pytest.raises(SystemExit):
+            script.main(["--noises", "S80", "--out", str(out), *bad])
+    assert not out.exists()
+    try:
+        script.main(["--noises", "S80", "--seeds", "2", "--steps", "6", "--out", str(out),
+                     "--add", f"copy={tmp_path / 'start.pt'}", "--only", "taylor_start,copy"])
+    finally:
+        noisy_training._images.cache_clear()
+    final = json.loads((out / "fashion_baselines.json").read_text())["results"]["S80"]["final"]
+    assert set(final) == {"taylor_start", "copy"}
+    assert final["copy"] == final["taylor_start"]

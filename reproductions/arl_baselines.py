@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -124,7 +125,12 @@ def main(argv=None) -> None:
         name, _, path = item.partition("=")
         if not name or not Path(path).is_file():
             raise SystemExit(f"--add: {item!r} must be NAME=PATH of a saved TaylorLoss file")
-        extra[name] = TaylorLoss.load(path)
+        if name in losses_for(noises[0]) or name in extra:
+            raise SystemExit(f"--add: the name {name!r} is taken; give the added loss another name")
+        try:
+            extra[name] = TaylorLoss.load(path)
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
+            raise SystemExit(f"--add: {path} is not a saved TaylorLoss ({error})") from None
     only = args.only.split(",") if args.only else None
     known = set.intersection(*(set(losses_for(n)) for n in noises)) | set(extra)  # in every noise's set
     if only and set(only) - known:
@@ -154,9 +160,22 @@ def main(argv=None) -> None:
     print("\n".join(text))
 
 
+def read_runs(paths: list[Path]) -> list[dict]:
+    """The JSON reports to merge; a missing or unreadable one is refused by name before anything is written."""
+    runs = []
+    for path in paths:
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"--merge: cannot read {path} as a report of this script ({error})") from None
+        if "results" not in runs[-1]:
+            raise SystemExit(f"--merge: {path} has no 'results': not a report of this script")
+    return runs
+
+
 def merge(paths: list[Path], out: Path, stem: str) -> None:
     """One report from runs split across processes by ``--noises`` (their commands and CPU times summed)."""
-    runs = [json.loads(p.read_text()) for p in paths]
+    runs = read_runs(paths)
     results = {k: v for run in runs for k, v in run["results"].items()}
     cpu = sum(run.get("cpu_seconds", 0.0) for run in runs)
     lines = [line for key in NOISES if key in results for line in table(key, results[key], CELLS)]

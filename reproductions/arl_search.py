@@ -78,11 +78,12 @@ def fitness_samples(cfg: arl.Config, theta: list[float], repeats: int) -> list[f
     """The fitness of θ (mean clean validation accuracy over the meta-training pairs, %) with ``repeats``
     fresh initialisations and batch orders: network seed ``NOISE_SEED_OFFSET + r`` for repeat r."""
     loss = TaylorLoss(torch.tensor(theta), arl.taylor_spec(cfg))
+    pairs = [(arch, load_split(dataset, cfg.noise, cfg.rate, seed=cfg.data_seed))
+             for arch, dataset in arl.pairs(cfg)]
     samples = []
     for r in range(repeats):
         accs = []
-        for arch, dataset in arl.pairs(cfg):
-            data = load_split(dataset, cfg.noise, cfg.rate, seed=cfg.data_seed)
+        for arch, data in pairs:
             epochs = max(1, round(cfg.inner_steps / max(len(data.y_train) // cfg.batch, 1)))
             record = train(loss, arch, data, epochs=epochs, batch=cfg.batch, lr=cfg.inner_lr,
                            momentum=cfg.momentum, seed=NOISE_SEED_OFFSET + r, eval_every=epochs)
@@ -125,10 +126,14 @@ def run(run_name: str, args, eval_noises: list[str], log) -> dict:
     return out
 
 
+def mean_std(values: list[float]) -> str:
+    """Signed mean ± sample std (0 for a single value)."""
+    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+
+
 def paired(a: list[float], b: list[float]) -> str:
     """mean ± std of the paired differences a − b."""
-    d = [x - y for x, y in zip(a, b)]
-    return f"{statistics.mean(d):+.2f} ± {statistics.stdev(d) if len(d) > 1 else 0.0:.2f}"
+    return mean_std([x - y for x, y in zip(a, b)])
 
 
 def per_seed_means(result: dict, name: str) -> list[float]:
@@ -175,9 +180,8 @@ def report(results: dict, settings: dict, header: list[str]) -> list[str]:
                 rows.append(f"| {seed} | {paired(mine, start)} | {paired(mine, ce)} |")
                 vs_start.append(statistics.mean(mine) - statistics.mean(start))
                 vs_ce.append(statistics.mean(mine) - statistics.mean(ce))
-            spread = lambda v: f"{statistics.mean(v):+.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}"
             lines += ["Searched loss minus the controls, test accuracy averaged over cells (points):", "", *rows,
-                      f"| **over the {len(vs_start)} searches** | **{spread(vs_start)}** | **{spread(vs_ce)}** |"]
+                      f"| **over the {len(vs_start)} searches** | **{mean_std(vs_start)}** | **{mean_std(vs_ce)}** |"]
         lines.append("")
     return lines
 
@@ -204,7 +208,10 @@ def main(argv=None) -> None:
         return merge([Path(p) for p in args.merge], out, args.tag or "search")
     quick = args.quick
     args.runs = args.runs or (["dr:S80"] if quick else ["dr:S80", "dr:A40"])
-    args.cma_seeds = [int(s) for s in (args.cma_seeds or ("1,2" if quick else "1,2,3")).split(",")]
+    try:
+        args.cma_seeds = [int(s) for s in (args.cma_seeds or ("1,2" if quick else "1,2,3")).split(",")]
+    except ValueError:
+        raise SystemExit(f"--cma-seeds: {args.cma_seeds!r} must be comma-separated integers, e.g. 1,2,3") from None
     args.popsize = args.popsize or (4 if quick else pycma_default_popsize(12))
     args.generations = args.generations or (2 if quick else 8)
     args.inner_steps = args.inner_steps or (60 if quick else 1500)
@@ -246,7 +253,9 @@ def write_report(payload: dict, out: Path, stem: str) -> None:
 
 def merge(paths: list[Path], out: Path, stem: str) -> None:
     """One report from runs split across processes by ``--runs`` (same settings required)."""
-    runs = [json.loads(p.read_text()) for p in paths]
+    runs = arl_baselines.read_runs(paths)
+    if any(r.get("settings") is None for r in runs):
+        raise SystemExit("--merge: every report must come from this script (it has 'settings')")
     if any(r["settings"] != runs[0]["settings"] for r in runs):
         raise SystemExit("--merge: the runs used different settings; merge only runs of one protocol")
     payload = {"commands": [c for r in runs for c in r["commands"]], "cpu_seconds": sum(r["cpu_seconds"] for r in runs),

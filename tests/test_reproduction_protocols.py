@@ -240,8 +240,13 @@ def test_arl_baselines_add_and_only(tmp_path, monkeypatch):
     start = script.losses_for("S80")["taylor_start"]
     TaylorLoss(start.theta, start.spec).save(tmp_path / "start.pt")
     out = tmp_path / "out"
-    for bad in (["--add", f"copy={tmp_path / 'missing.pt'}"], ["--only", "ce,nonsense"]):
-        with pytest.raises(SystemExit):
+    (tmp_path / "not_a_loss.pt").write_text("plain text")
+    for bad, message in ((["--add", f"copy={tmp_path / 'missing.pt'}"], "NAME=PATH"),
+                         (["--add", f"ce={tmp_path / 'start.pt'}"], "name 'ce' is taken"),
+                         (["--add", f"copy={tmp_path / 'not_a_loss.pt'}"], "not a saved TaylorLoss"),
+                         (["--only", "ce,nonsense"], "unknown nonsense"),
+                         (["--merge", str(tmp_path / "missing.json")], "cannot read")):
+        with pytest.raises(SystemExit, match=message):
             script.main(["--noises", "S80", "--out", str(out), *bad])
     assert not out.exists()
     try:
